@@ -1,0 +1,96 @@
+"""`ReGateGPTModel`: Megatron-Core's `GPTModel` whose forward takes a token selection.
+
+With `token_selection=None` or a dense selection it *is* `GPTModel.forward`.
+Otherwise the decoder's routed span runs on the kept tokens only and the output
+layer and loss run only on kept target tokens (elided positions get loss 0 and
+no logits). The returned per-token loss keeps GPTModel's `[b, s]` shape; mask it
+with `selection.computed_loss_mask()`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from regate_megatron.config import ReGateConfig
+from regate_megatron.router import TokenRouter
+from regate_megatron.selection import TokenSelection
+
+__all__ = ["ReGateGPTModel"]
+
+
+class ReGateGPTModel(GPTModel):
+    """GPTModel with a ReGATE token router over the decoder span of `regate_config`.
+
+    Build it from `get_regate_decoder_block_spec()` (or `get_regate_layer_spec()`);
+    every other argument is GPTModel's.
+    """
+
+    def __init__(self, *args, regate_config: Optional[ReGateConfig] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        regate_config = regate_config or ReGateConfig()
+        config = self.config
+        if config.recompute_granularity == "full":
+            raise ValueError(
+                "ReGATE routing does not support --recompute-granularity full yet; "
+                "use 'selective' or no recomputation"
+            )
+        if config.mtp_num_layers:
+            raise ValueError("ReGATE routing does not support multi-token prediction (--mtp-num-layers)")
+        if config.apply_rope_fusion:
+            raise ValueError(
+                "ReGATE routing needs per-token rotary tables; turn off --apply-rope-fusion"
+            )
+        self.token_router = TokenRouter(
+            regate_config.layer_span(config.num_layers),
+            tp_group=self.pg_collection.tp,
+            sequence_parallel=config.sequence_parallel,
+            pad_multiple=regate_config.pad_multiple,
+        )
+        self.token_router.bind(self.decoder.layers)
+
+    def forward(self, *args, token_selection: Optional[TokenSelection] = None, **kwargs):
+        if token_selection is None or token_selection.is_dense:
+            return super().forward(*args, **kwargs)
+        self._check_selection(token_selection, args, kwargs)
+        with self.token_router.route(token_selection):
+            return super().forward(*args, **kwargs)
+
+    def _check_selection(self, selection: TokenSelection, args, kwargs) -> None:
+        """Fail before any compute when the selection does not fit the batch."""
+        for name in ("packed_seq_params", "inference_context", "inference_params"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"token_selection cannot be combined with {name} (training only)")
+        names = ("input_ids", "position_ids", "attention_mask", "decoder_input", "labels")
+        given = dict(zip(names, args), **kwargs)
+        for name in ("input_ids", "labels"):
+            tensor = given.get(name)
+            if tensor is not None and tuple(tensor.shape) != tuple(selection.target_mask.shape):
+                raise ValueError(
+                    f"token_selection is for [batch, seq] {tuple(selection.target_mask.shape)} "
+                    f"but {name} is {tuple(tensor.shape)}"
+                )
+
+    def _postprocess(self, hidden_states, labels=None, **kwargs):
+        route = self.token_router.active
+        if route is None or not self.post_process:
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        selection = route.selection
+        b, s = selection.batch_size, selection.seq_length
+        rows = selection.output_rows(with_labels=labels is not None)  # flat rows of [s*b]
+        n = rows.numel()
+        multiple = route.multiple if self.config.sequence_parallel else 1
+        width = max(-(-n // multiple) * multiple, multiple)
+        padded = torch.cat([rows, rows.new_zeros(width - n)])  # pad rows are discarded below
+        compact = route.select_rows(hidden_states, padded, width)  # [s(/tp), b, h] -> [width(/tp), 1, h]
+        if labels is None:
+            logits = super()._postprocess(hidden_states=compact, labels=None, **kwargs)  # [1, width, V]
+            vocab = logits.shape[-1]
+            out = logits.new_zeros(s * b, vocab).index_copy(0, rows, logits[0, :n])
+            return out.view(s, b, vocab).transpose(0, 1)  # [s*b, V] -> [b, s, V]
+        compact_labels = labels.t().reshape(-1).index_select(0, padded).view(1, width)  # [b, s] -> [1, width]
+        loss = super()._postprocess(hidden_states=compact, labels=compact_labels, **kwargs)  # [1, width]
+        out = loss.new_zeros(s * b).index_copy(0, rows, loss[0, :n])
+        return out.view(s, b).t()  # [s*b] -> [b, s]

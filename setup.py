@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="regate-megatron",
+    version="0.1.0",
+    description="ReGATE (Reference-Guided Adaptive Token Elision) for Megatron-Core MLLM training",
+    packages=find_packages(include=["regate_megatron", "regate_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        # dist_checkpointing needs psutil but megatron-core does not declare it.
+        "psutil",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        # NVIDIA Apex is optional and built from source on GPU clusters; it is never a
+        # pip dependency (the PyPI name "apex" is an unrelated package).
+        "te": ["transformer-engine[pytorch]"],
+    },
+)
