@@ -1,0 +1,110 @@
+"""Tiny Megatron-Core GPT models and weight/grad plumbing shared by the router tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from regate_megatron.config import ReGateConfig
+from regate_megatron.model import ReGateGPTModel
+from regate_megatron.spec import get_regate_decoder_block_spec
+
+VOCAB = 64
+MAX_SEQ = 32
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+    kw = dict(
+        num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=4,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=torch.float32,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def build_gpt(config, routed=True, regate=None, position_embedding_type="rope", vp_stage=None,
+              pre_process=None, post_process=None, seed=1):
+    """ReGateGPTModel (routed) or the stock GPTModel with identical submodules."""
+    torch.manual_seed(seed)
+    layer_module = None if routed else TransformerLayer
+    spec_kw = {} if layer_module is None else {"layer_module": layer_module}
+    spec = get_regate_decoder_block_spec(config, backend="local", vp_stage=vp_stage, **spec_kw)
+    kwargs = dict(
+        config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=MAX_SEQ,
+        position_embedding_type=position_embedding_type,
+        share_embeddings_and_output_weights=False,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pre_process is None else pre_process,
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if post_process is None else post_process,
+        vp_stage=vp_stage,
+    )
+    if position_embedding_type == "mrope":
+        import dataclasses
+
+        head_half = config.hidden_size // config.num_attention_heads // 2
+        kwargs["config"] = dataclasses.replace(config, mrope_section=[head_half - 2, 1, 1])
+    if routed:
+        return ReGateGPTModel(regate_config=regate or ReGateConfig(enabled=True), **kwargs)
+    return GPTModel(**kwargs)
+
+
+def _layer_offset(model) -> int:
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def global_name(model, name: str) -> str:
+    """Parameter name in the single-stage model (pipeline layer offset applied)."""
+    if name.startswith("decoder.layers."):
+        parts = name.split(".")
+        parts[2] = str(int(parts[2]) + _layer_offset(model))
+        return ".".join(parts)
+    return name
+
+
+def load_full_weights(model, full_state: dict) -> None:
+    """Load single-rank weights into a TP/PP shard of the same architecture."""
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = full_state[global_name(model, name)]
+            if getattr(p, "tensor_model_parallel", False):
+                full = full.chunk(tp, dim=p.partition_dim)[rank]
+            p.copy_(full)
+
+
+def full_grads(model) -> dict:
+    """This stage's parameter grads, TP shards gathered, SP-norm grads summed over TP."""
+    group = ps.get_tensor_model_parallel_group()
+    tp = ps.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if getattr(p, "sequence_parallel", False) and tp > 1:
+            g = g.clone()
+            dist.all_reduce(g, group=group)
+        if getattr(p, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[global_name(model, name)] = g.detach().clone()
+    return out
+
+
+def make_batch(seed: int, b: int = 3, s: int = 16, prompt: int = 5):
+    """Tokens, labels, position ids and a target mask (answer after a `prompt`-token context)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (b, s), generator=g)
+    labels = torch.randint(0, VOCAB, (b, s), generator=g)
+    target_mask = torch.zeros(b, s, dtype=torch.bool)
+    for i in range(b):
+        target_mask[i, prompt + i:] = True  # samples differ in their target count
+    scores = torch.rand(b, s, generator=g)
+    return tokens, labels, torch.arange(s).expand(b, s), target_mask, scores
