@@ -108,3 +108,45 @@ def make_batch(seed: int, b: int = 3, s: int = 16, prompt: int = 5):
         target_mask[i, prompt + i:] = True  # samples differ in their target count
     scores = torch.rand(b, s, generator=g)
     return tokens, labels, torch.arange(s).expand(b, s), target_mask, scores
+
+
+def per_token_loss_func(mask, per_token_loss):
+    """Megatron loss_func: mean over the computed target tokens of the micro-batch."""
+    mask = mask.float()
+    loss = (per_token_loss * mask).sum() / mask.sum()
+    return loss, {"lm loss": loss.detach()}
+
+
+def run_schedule(model, batches, selections=None, forward_only=False, record=None):
+    """One forward/backward over `batches` (micro-batches) with Megatron's pipeline schedule.
+
+    `selections` (one per micro-batch, or None for stock models) travel with each forward.
+    `record`, a list, receives the keep_index each routed stage actually used.
+    """
+    from functools import partial
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch_iter = iter(batches)
+    selection_iter = iter(selections) if selections is not None else None
+    router = getattr(getattr(model, "module", model), "token_router", None)
+
+    def forward_step(_data_iterator, chunk):
+        tokens, labels, pos, targets = next(batch_iter)
+        if selection_iter is None:
+            out = chunk(tokens, pos, None, labels=labels)
+            mask = targets
+        else:
+            selection = next(selection_iter)
+            out = chunk(tokens, pos, None, labels=labels, token_selection=selection)
+            mask = selection.computed_loss_mask()
+            if record is not None and router is not None and router.last_keep_index is not None:
+                record.append(router.last_keep_index.clone())
+        return out, partial(per_token_loss_func, mask)
+
+    tokens = batches[0][0]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=None, model=[model],
+        num_microbatches=len(batches), seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0], forward_only=forward_only,
+    )

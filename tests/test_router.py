@@ -11,32 +11,6 @@ from regate_megatron.selection import TokenSelection, select_top_targets
 from models import build_gpt, load_full_weights, make_batch, tiny_config
 
 
-@pytest.fixture(scope="module")
-def megatron_world():
-    import os
-    import socket
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from regate_megatron.cpu_compat import apply_cpu_compat
-
-    apply_cpu_compat()
-    owns = not dist.is_initialized()
-    if owns:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    ps.destroy_model_parallel()
-    if owns:
-        dist.destroy_process_group()
-
-
 def _stock_and_routed(config, **regate):
     stock = build_gpt(config, routed=False)
     routed = build_gpt(config, routed=True, regate=ReGateConfig(enabled=True, **regate))
