@@ -10,25 +10,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 @pytest.fixture(scope="session")
 def megatron_world():
-    import os
-    import socket
+    """A one-rank world in the pytest process (TP = PP = 1)."""
+    from regate_megatron.parallel import destroy_parallel, initialize_parallel
 
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from regate_megatron.cpu_compat import apply_cpu_compat
-
-    apply_cpu_compat()
-    owns = not dist.is_initialized()
-    if owns:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
+    initialize_parallel()
     yield
-    ps.destroy_model_parallel()
-    if owns:
-        dist.destroy_process_group()
+    destroy_parallel()
