@@ -120,33 +120,31 @@ def per_token_loss_func(mask, per_token_loss):
 def run_schedule(model, batches, selections=None, forward_only=False, record=None):
     """One forward/backward over `batches` (micro-batches) with Megatron's pipeline schedule.
 
-    `selections` (one per micro-batch, or None for stock models) travel with each forward.
-    `record`, a list, receives the keep_index each routed stage actually used.
+    `model` is one module or the list of virtual-pipeline chunks. `selections` (one per
+    micro-batch, or None for stock models) travel with each forward. `record`, a list,
+    receives the keep_index each routed chunk actually used.
     """
     from functools import partial
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    batch_iter = iter(batches)
-    selection_iter = iter(selections) if selections is not None else None
-    router = getattr(getattr(model, "module", model), "token_router", None)
+    chunks = model if isinstance(model, list) else [model]
+    per_mb = list(zip(batches, selections if selections is not None else [None] * len(batches)))
+    iterators = [iter(per_mb) for _ in chunks]  # each chunk walks the micro-batches itself
 
-    def forward_step(_data_iterator, chunk):
-        tokens, labels, pos, targets = next(batch_iter)
-        if selection_iter is None:
-            out = chunk(tokens, pos, None, labels=labels)
-            mask = targets
-        else:
-            selection = next(selection_iter)
-            out = chunk(tokens, pos, None, labels=labels, token_selection=selection)
-            mask = selection.computed_loss_mask()
-            if record is not None and router is not None and router.last_keep_index is not None:
-                record.append(router.last_keep_index.clone())
-        return out, partial(per_token_loss_func, mask)
+    def forward_step(data_iterator, chunk):
+        (tokens, labels, pos, targets), selection = next(data_iterator)
+        if selection is None:
+            return chunk(tokens, pos, None, labels=labels), partial(per_token_loss_func, targets)
+        out = chunk(tokens, pos, None, labels=labels, token_selection=selection)
+        router = getattr(chunk, "module", chunk).token_router
+        if record is not None and router.last_keep_index is not None:
+            record.append(router.last_keep_index.clone())
+        return out, partial(per_token_loss_func, selection.computed_loss_mask())
 
     tokens = batches[0][0]
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=None, model=[model],
-        num_microbatches=len(batches), seq_length=tokens.shape[1],
+        forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks, num_microbatches=len(batches), seq_length=tokens.shape[1],
         micro_batch_size=tokens.shape[0], forward_only=forward_only,
     )

@@ -93,6 +93,34 @@ def test_parallel_router_matches_stock_and_single_rank(megatron_world, tp, pp, s
     assert len(last[KEEP][0]) == MICRO_BATCHES
 
 
+def _interleaved(rank, full_state):
+    """PP2 x VPP2: every rank holds two chunks, each with its own router and span ends."""
+    from megatron.core import parallel_state as ps
+
+    config = tiny_config(num_layers=NUM_LAYERS, virtual_pipeline_model_parallel_size=2,
+                         batch_p2p_comm=False)
+    chunks = [build_gpt(config, routed=True, vp_stage=v) for v in range(2)]
+    for chunk in chunks:
+        load_full_weights(chunk, full_state)
+    batches = _batches()
+    used = []
+    losses = run_schedule(chunks, [b for b, _ in batches], _shared_selections(batches, KEEP), record=used)
+    grads = {}
+    for chunk in chunks:
+        grads.update(full_grads(chunk))
+    return [l["lm loss"] for l in losses], grads, len(used)
+
+
+def test_interleaved_pipeline_routes_like_single_rank(megatron_world):
+    ref_losses, ref_grads, state = _reference(KEEP)
+    results = run_world(_interleaved, 2, pp=2, vpp=2, full_state=state)
+    for losses, grads, used in results:
+        assert used == 2 * MICRO_BATCHES  # both chunks routed both micro-batches
+        _assert_same(([], grads), ([], ref_grads), exact=False)
+    assert sum(len(r[1]) for r in results) == len(ref_grads)  # every parameter compared
+    _assert_same((results[-1][0], {}), (ref_losses, {}), exact=False)
+
+
 def _train_step(rank):
     """TP2 x PP2 x DP2: one optimizer step at ρ < 1 with DDP + distributed optimizer."""
     from megatron.core import parallel_state as ps
