@@ -97,8 +97,10 @@ def _interleaved(rank, full_state):
     """PP2 x VPP2: every rank holds two chunks, each with its own router and span ends."""
     from megatron.core import parallel_state as ps
 
-    config = tiny_config(num_layers=NUM_LAYERS, virtual_pipeline_model_parallel_size=2,
-                         batch_p2p_comm=False)
+    from regate_megatron.cpu_compat import guard_pipeline_p2p
+
+    config = tiny_config(num_layers=NUM_LAYERS, virtual_pipeline_model_parallel_size=2)
+    assert guard_pipeline_p2p(config, torch.distributed.get_backend())  # batch_p2p_comm off
     chunks = [build_gpt(config, routed=True, vp_stage=v) for v in range(2)]
     for chunk in chunks:
         load_full_weights(chunk, full_state)
