@@ -14,6 +14,7 @@ checks inside one world rather than start one world per check.
 import os
 import pickle
 import queue as queue_lib
+import signal
 import time
 import traceback
 from datetime import timedelta
@@ -48,6 +49,9 @@ def _child(
 ) -> None:
     import torch.distributed as dist
 
+    # Own process group, so the parent can also kill what this rank starts
+    # (dist_checkpointing.save leaves a multiprocessing Manager process running).
+    os.setpgid(0, 0)
     try:
         # The ranks share the machine's cores; one thread each unless there is room.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -68,6 +72,17 @@ def _child(
             destroy_parallel()
         except Exception:  # noqa: BLE001 -- never mask the real outcome
             pass
+
+
+def _kill_process_group(proc: Any) -> None:
+    """SIGKILL a rank's process group (itself and its children), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # group already gone (or the rank died before creating it)
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
 
 
 def run_world(
@@ -138,12 +153,12 @@ def run_world(
             if not ok:
                 raise WorldError(f"{fn.__name__}: rank {rank} of {world_size} failed:\n{payload}")
     finally:
+        # Ranks that finished get a moment to exit cleanly; then every rank and
+        # anything it started is killed.
         for proc in procs:
             proc.join(timeout=10.0 if len(outcome) == world_size else 0.0)
         for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            _kill_process_group(proc)
         results.close()
         del store
     return [outcome[rank][1] for rank in range(world_size)]
