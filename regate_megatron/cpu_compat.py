@@ -3,7 +3,7 @@
 Two parts:
 
 * :func:`apply_cpu_compat` bridges the CUDA assumptions that Megatron-Core makes
-  even when it is told to initialise on CPU (see ``MEGATRON_CPU.md``). It is
+  even when it is told to initialise on CPU. It is
   the only function here that patches anything; importing this module patches
   nothing, and on a machine where ``torch.cuda.is_available()`` it does
   nothing at all. Every patch wraps the original (kept as ``__wrapped__``),
@@ -26,9 +26,9 @@ import torch
 __all__ = [
     "PATCH_MARKER",
     "apply_cpu_compat",
-    "cpu_compat_applied",
     "guard_pipeline_p2p",
     "check_distrib_optim_sharding",
+    "distributed_optimizer_sharded_state_dict",
     "load_distributed_optimizer_state",
     "fix_optimizer_step_after_load",
 ]
@@ -81,6 +81,14 @@ def _cpu_if_cuda(device: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+# Where the patches sit. Megatron reaches `torch.cuda.current_device`,
+# `torch.cuda.synchronize`, `torch.zeros(device="cuda")`, ... through the one shared
+# `torch` module from dozens of functions in ~15 modules, so those are wrapped on
+# torch itself. On a CPU-only torch every one of these calls raises, so the wrappers
+# change only calls that would otherwise crash. Everything else is patched on the
+# specific Megatron class/module attribute.
+
+
 def _patch_torch_cuda_device_queries() -> None:
     # Megatron uses `torch.cuda.current_device()` as a *device* for new tensors
     # (p2p receive buffers, GlobalMemoryBuffer, DDP grad buffers, optimizer state,
@@ -89,14 +97,15 @@ def _patch_torch_cuda_device_queries() -> None:
     # that would otherwise crash.
     _install(torch.cuda, "current_device", lambda original: lambda: torch.device("cpu"))
 
-    # `torch.cuda.synchronize()` is called after batched p2p (batch_p2p_sync) and in
-    # checkpoint save; CPU ops are synchronous, so it is a no-op.
+    # `torch.cuda.synchronize()` is called after every batched p2p exchange
+    # (batch_p2p_sync) and in dist_checkpointing save; CPU ops are synchronous.
     _install(torch.cuda, "synchronize", lambda original: lambda device=None: None)
 
 
 def _patch_tensor_cuda() -> None:
-    # `Tensor.cuda()` is called on position ids (clip_vit_model), loaded checkpoint
-    # shards, and optimizer state; keep the tensor on CPU (honouring the other args).
+    # `Tensor.cuda()` is called on CLIP ViT position ids (clip_vit_model.__init__) and
+    # on the gathered optimizer state when saving a fully_reshardable distributed
+    # optimizer; keep the tensor on CPU.
     def make_wrapper(original):
         def cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
             return self.to("cpu", non_blocking=non_blocking, memory_format=memory_format)
@@ -106,10 +115,12 @@ def _patch_tensor_cuda() -> None:
     _install(torch.Tensor, "cuda", make_wrapper)
 
 
-# Factory functions Megatron calls with device="cuda" on the paths we run
-# (`torch.zeros([], device="cuda")` in every schedule, clip_grads, grad scaler,
-# default causal mask, checkpoint exchange buffers, ...).
-_CUDA_FACTORY_FUNCTIONS = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like")
+# Factory functions that Megatron calls with device="cuda" on the paths exercised
+# (measured): `torch.zeros([], device="cuda")` in every schedule, DDP warm-up and
+# clip_grads; `torch.tensor(..., device="cuda")` in the optimizers and the grad-norm
+# all-reduce; `torch.ones(..., device="cuda")` in the default causal mask of the
+# stock DotProductAttention / fused softmax.
+_CUDA_FACTORY_FUNCTIONS = ("zeros", "ones", "tensor")
 
 
 def _patch_factory_functions() -> None:
@@ -149,7 +160,9 @@ def _patch_rng_tracker() -> None:
     )
 
     def make_add(original):
-        # Same contract as CudaRNGStatesTracker.add, on the CPU generator.
+        # Same contract as CudaRNGStatesTracker.add, on the CPU generator. A
+        # replacement, not a wrapper: the original calls torch.cuda.get_rng_state()
+        # and torch.cuda.manual_seed() directly.
         def add(self, name, seed):
             if getattr(self, "use_cudagraphable_rng", False):
                 raise RuntimeError("use_cudagraphable_rng needs CUDA; it is unsupported on CPU.")
@@ -190,12 +203,16 @@ def _patch_rng_tracker() -> None:
     # generator itself, so it would warn on every dropout. Drop just that message.
     rng_logger = logging.getLogger(mpu_random.__name__)
     if not any(getattr(f, PATCH_MARKER, False) for f in rng_logger.filters):
-        rng_filter = logging.Filter()
-        rng_filter.filter = lambda record: "CPU RNG state changed within GPU RNG context" not in (
-            record.getMessage()
-        )
-        setattr(rng_filter, PATCH_MARKER, True)
-        rng_logger.addFilter(rng_filter)
+        rng_logger.addFilter(_DropCpuRngForkWarning())
+
+
+class _DropCpuRngForkWarning(logging.Filter):
+    """Drops the tracker's "CPU RNG state changed within GPU RNG context" warning."""
+
+    _regate_cpu_compat = True  # PATCH_MARKER
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -239,29 +256,69 @@ def _patch_tensor_type_checks() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     _install(DistributedOptimizer, "__init__", _report_cuda_type_during)
-    _install(mcore_optimizer.Float16OptimizerWithFloat16Params, "__init__", _report_cuda_type_during)
     _install(clip_grads, "clip_grad_by_total_norm_fp32", _report_cuda_type_during)
     # optimizer.py imported the function by name; point that name at the same wrapper.
     mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
 
 
-_applied = False
+class _TorchLayerNormForSpec:
+    """torch.nn.LayerNorm behind the (config, hidden_size, eps) spec signature.
+
+    A class, not a function: build_module returns plain functions uncalled.
+    """
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_unused: Any):
+        return torch.nn.LayerNorm(hidden_size, eps=eps)
 
 
-def cpu_compat_applied() -> bool:
-    """Whether :func:`apply_cpu_compat` has installed its patches in this process."""
-    return _applied
+def _patch_clip_vit_norm() -> None:
+    # Without TE, clip_vit_model's default ln_pre_impl / ln_post_impl is
+    # torch.nn.LayerNorm, which build_module calls with config=... ->
+    # "LayerNorm.__init__() got an unexpected keyword argument 'config'" (every
+    # LLaVAModel with a CLIP/SigLIP encoder). The defaults are bound at definition
+    # time, so substitute a LayerNorm factory taking the spec signature.
+    import inspect
+
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+
+    def make_wrapper(original):
+        signature = inspect.signature(original)
+
+        def __init__(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            for name in ("ln_pre_impl", "ln_post_impl"):
+                if bound.arguments.get(name, torch.nn.LayerNorm) is torch.nn.LayerNorm:
+                    bound.arguments[name] = _TorchLayerNormForSpec
+            return original(*bound.args, **bound.kwargs)
+
+        return __init__
+
+    _install(CLIPViTModel, "__init__", make_wrapper)
 
 
 def apply_cpu_compat() -> bool:
     """Bridge Megatron-Core's CUDA assumptions so it runs on CPU with gloo.
+
+    Patches, each measured to be needed (see the comment at each):
+
+    * ``torch.cuda.current_device`` -> the CPU device; ``torch.cuda.synchronize``
+      -> no-op; ``Tensor.cuda`` -> stays on CPU; ``torch.zeros/ones/tensor`` map
+      ``device="cuda"`` (only that) to CPU.
+    * the RNG tracker (``megatron.core.tensor_parallel.random``) on the CPU
+      generator: ``_get/_set_cuda_rng_state``, ``CudaRNGStatesTracker.add``,
+      ``model_parallel_cuda_manual_seed`` (also seeds the CPU generator, as the
+      CUDA one is seeded on GPU), and a log filter for the tracker's
+      CPU-RNG-changed warning.
+    * the ``'torch.cuda.FloatTensor'`` type checks in ``DistributedOptimizer.__init__``
+      and ``clip_grad_by_total_norm_fp32``.
+    * ``CLIPViTModel.__init__``: its non-TE default norm, ``torch.nn.LayerNorm``,
+      is called with ``config=``.
 
     Idempotent; call once per process before building models (and before any
     ``from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed``
     whose name should see the patched function). A no-op returning ``False`` when
     ``torch.cuda.is_available()``; returns ``True`` once the patches are in place.
     """
-    global _applied
     if torch.cuda.is_available():
         return False
     _patch_torch_cuda_device_queries()
@@ -269,7 +326,7 @@ def apply_cpu_compat() -> bool:
     _patch_factory_functions()
     _patch_rng_tracker()
     _patch_tensor_type_checks()
-    _applied = True
+    _patch_clip_vit_norm()
     return True
 
 
@@ -298,8 +355,12 @@ def guard_pipeline_p2p(
     (Model-Parallel/Transformer) config, the object the schedule reads. Returns
     True if it changed the config.
     """
-    pp = pipeline_model_parallel_size or config.pipeline_model_parallel_size
-    vpp = virtual_pipeline_model_parallel_size or config.virtual_pipeline_model_parallel_size
+    pp = pipeline_model_parallel_size
+    if pp is None:
+        pp = config.pipeline_model_parallel_size
+    vpp = virtual_pipeline_model_parallel_size
+    if vpp is None:
+        vpp = config.virtual_pipeline_model_parallel_size
     interleaved = vpp is not None and vpp > 1
     if backend != "gloo" or pp != 2 or not interleaved or not config.batch_p2p_comm:
         return False
@@ -325,14 +386,75 @@ def check_distrib_optim_sharding(sharding_type: str) -> None:
         )
 
 
-def fix_optimizer_step_after_load(optimizer: Any) -> int:
-    """Give every parameter its own Adam ``step`` tensor after a checkpoint load.
+def distributed_optimizer_sharded_state_dict(
+    optimizer: Any,
+    model_sharded_state_dict: dict,
+    sharding_type: str,
+    is_loading: bool = False,
+) -> dict:
+    """``optimizer.sharded_state_dict(...)`` for a distributed optimizer, save or load side.
 
-    After a distributed-optimizer load all parameters can share one ``step``
-    tensor; torch Adam increments ``state['step']`` in place once per parameter,
-    so one update advances it by the number of parameters and the bias
-    correction is wrong (no error). Returns the number of states that were
-    given a private copy.
+    Checks ``sharding_type`` (:func:`check_distrib_optim_sharding`) and passes
+    it as ``metadata["distrib_optim_sharding_type"]``. For loading into an
+    optimizer that has not stepped yet, it first allocates the torch Adam state
+    (``step`` = 0 and zero moments, one tensor per parameter): without torch
+    Adam state, ``DistributedOptimizer.state_dict()`` fails its ``len(steps) == 1``
+    assertion (no TE/Apex FusedAdam, which keeps ``step`` in the param groups).
+    The loaded values overwrite this state in :func:`load_distributed_optimizer_state`.
+    """
+    check_distrib_optim_sharding(sharding_type)
+    if is_loading:
+        for inner in _inner_torch_optimizers(optimizer):
+            _allocate_adam_state(inner)
+    return optimizer.sharded_state_dict(
+        model_sharded_state_dict,
+        is_loading=is_loading,
+        metadata={"distrib_optim_sharding_type": sharding_type},
+    )
+
+
+def load_distributed_optimizer_state(optimizer: Any, state_dict: dict) -> None:
+    """Load a distributed-optimizer state dict (from ``dist_checkpointing.load``) correctly.
+
+    ``optimizer.load_state_dict(state_dict)`` with three fixes for torch Adam
+    (no TE/Apex) in Megatron-Core 0.16.1:
+
+    * ``step`` is restored from the param groups, but the per-parameter copy that
+      follows indexes every destination state key: ``fully_reshardable`` has no
+      ``step`` there -> ``KeyError: 'step'``; ``dp_reshardable`` has the *load
+      side's* stale step (a ``LocalNonpersistentObject``) and would silently
+      reset the step to it. The restored ``step`` is kept.
+    * ``dp_reshardable``: the copy into the fp32 main parameter (a view of the
+      model parameter, a leaf that requires grad) runs with grad enabled ->
+      "a view of a leaf Variable that requires grad is being used in an in-place
+      operation". The copy runs under ``torch.no_grad()``.
+    * both: afterwards every parameter shares one ``step`` tensor, which Adam
+      increments once per parameter (silently wrong bias correction);
+      :func:`fix_optimizer_step_after_load` gives each its own.
+
+    The first two are fixed by wrapping ``_set_main_param_and_optimizer_states``
+    on the optimizer instances for the duration of this call only.
+    """
+    dist_optimizers = _distributed_optimizers(optimizer)
+    for dist_opt in dist_optimizers:
+        dist_opt._set_main_param_and_optimizer_states = _set_states_keeping_step(dist_opt)
+    try:
+        optimizer.load_state_dict(state_dict)
+    finally:
+        for dist_opt in dist_optimizers:
+            del dist_opt._set_main_param_and_optimizer_states  # back to the class method
+    fix_optimizer_step_after_load(optimizer)
+
+
+def fix_optimizer_step_after_load(optimizer: Any) -> int:
+    """Give every parameter its own torch Adam ``step`` tensor; returns how many were shared.
+
+    ``DistributedOptimizer.load_state_dict`` assigns one ``step`` tensor to all
+    parameters' states. torch Adam increments ``state["step"]`` in place once
+    per parameter, so after one update the shared step has advanced by the
+    number of parameters and the bias correction is wrong -- with no error.
+    Call after any distributed-optimizer load (done by
+    :func:`load_distributed_optimizer_state`); a no-op when nothing is shared.
     """
     fixed = 0
     seen: set[int] = set()
@@ -341,28 +463,58 @@ def fix_optimizer_step_after_load(optimizer: Any) -> int:
             step = state.get("step")
             if not isinstance(step, torch.Tensor):
                 continue
-            if id(step) in seen or step._base is not None:
+            if id(step) in seen:
                 state["step"] = step.detach().clone()
                 fixed += 1
             seen.add(id(state["step"]))
     return fixed
 
 
-def load_distributed_optimizer_state(optimizer: Any, state_dict: dict) -> None:
-    """``optimizer.load_state_dict(state_dict)`` followed by the step fix."""
-    optimizer.load_state_dict(state_dict)
-    fix_optimizer_step_after_load(optimizer)
+def _set_states_keeping_step(dist_opt: Any) -> Callable:
+    """``dist_opt._set_main_param_and_optimizer_states`` without grad and keeping ``step``."""
+    original = type(dist_opt)._set_main_param_and_optimizer_states.__get__(dist_opt)
+
+    def set_states(model_param, tensors):
+        current = dist_opt._get_main_param_and_optimizer_states(model_param)
+        if "step" in current:
+            # The step was restored from the param groups just before; the loaded
+            # parameter state has none (fully_reshardable) or a stale local one
+            # (dp_reshardable keeps `step` as a LocalNonpersistentObject).
+            tensors = {**tensors, "step": current["step"]}
+        with torch.no_grad():
+            original(model_param, tensors)
+
+    return set_states
+
+
+def _allocate_adam_state(inner: torch.optim.Optimizer) -> None:
+    """Allocate torch Adam/AdamW state (step 0, zero moments) where it is missing."""
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state[param]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _distributed_optimizers(optimizer: Any) -> list:
+    """The DistributedOptimizer instances inside a Megatron (chained) optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
 
 
 def _inner_torch_optimizers(optimizer: Any) -> list:
     """The torch.optim optimizers inside a Megatron (chained) optimizer."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
     if hasattr(optimizer, "chained_optimizers"):
         return [
             inner for sub in optimizer.chained_optimizers for inner in _inner_torch_optimizers(sub)
         ]
     inner = getattr(optimizer, "optimizer", None)
-    if isinstance(inner, torch.optim.Optimizer):
-        return [inner]
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return [optimizer]
-    return []
+    return [inner] if isinstance(inner, torch.optim.Optimizer) else []

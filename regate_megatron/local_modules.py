@@ -73,8 +73,8 @@ class TorchSDPACoreAttention(MegatronModule):
 
     ``apply_query_key_layer_scaling`` is accepted and has no effect: in
     ``DotProductAttention`` it divides the scores by the layer number and the
-    softmax multiplies them back, a numerical-range device for fp16 that SDPA
-    (which computes the softmax in fp32 internally) does not need.
+    fp32 softmax multiplies them back (a range trick for fp16 score matrices),
+    so the result is the same softmax.
     """
 
     def __init__(
