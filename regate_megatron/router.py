@@ -15,6 +15,7 @@ embeddings are gathered from the original positions.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -158,7 +159,7 @@ class TokenRouter:
         multiple = self.pad_multiple or (16 if torch.cuda.is_available() else 1)
         if self.sequence_parallel:
             tp = torch.distributed.get_world_size(self.tp_group)
-            multiple = multiple * tp // _gcd(multiple, tp)
+            multiple = math.lcm(multiple, tp)
         return multiple
 
     @contextlib.contextmanager
@@ -179,8 +180,3 @@ class TokenRouter:
         """Remember the indices a stage actually routed (for cross-rank agreement checks)."""
         self.last_keep_index = selection.keep_index
 
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
