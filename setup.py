@@ -13,6 +13,12 @@ setup(
         "sentencepiece",
         # dist_checkpointing needs psutil but megatron-core does not declare it.
         "psutil",
+        # data: images (PNG/JPEG), the embedded digits demo, plots, progress, TensorBoard.
+        "Pillow",
+        "scikit-learn",
+        "matplotlib",
+        "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
