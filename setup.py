@@ -20,6 +20,14 @@ setup(
         "tqdm",
         "tensorboard",
     ],
+    entry_points={
+        "console_scripts": [
+            "regate-train=regate_megatron.train:main",
+            "regate-precompute-ref=regate_megatron.precompute:main",
+            "regate-demo=regate_megatron.demo.run:main",
+            "regate-inspect=regate_megatron.inspect_refs:main",
+        ],
+    },
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
         # NVIDIA Apex is optional and built from source on GPU clusters; it is never a

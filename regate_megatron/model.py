@@ -9,6 +9,7 @@ with `selection.computed_loss_mask()`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -30,7 +31,20 @@ class ReGateGPTModel(GPTModel):
 
     def __init__(self, *args, regate_config: Optional[ReGateConfig] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        regate_config = regate_config or ReGateConfig()
+        self._attach_router(regate_config or ReGateConfig())
+
+    @classmethod
+    def adopt(cls, model: GPTModel, regate_config: Optional[ReGateConfig] = None) -> "ReGateGPTModel":
+        """Turn a `GPTModel` built elsewhere (e.g. inside Megatron-Core's `LLaVAModel`,
+        which constructs its language model itself) into a `ReGateGPTModel` in place.
+        Its decoder must come from the ReGATE spec; no parameter changes."""
+        if not isinstance(model, GPTModel):
+            raise TypeError(f"ReGateGPTModel.adopt needs a GPTModel, got {type(model).__name__}")
+        model.__class__ = cls
+        model._attach_router(regate_config or ReGateConfig())
+        return model
+
+    def _attach_router(self, regate_config: ReGateConfig) -> None:
         config = self.config
         if config.recompute_granularity == "full":
             raise ValueError(
@@ -50,8 +64,21 @@ class ReGateGPTModel(GPTModel):
             pad_multiple=regate_config.pad_multiple,
         )
         self.token_router.bind(self.decoder.layers)
+        self._pending_selection: Optional[TokenSelection] = None
+
+    @contextlib.contextmanager
+    def selecting(self, selection: Optional[TokenSelection]):
+        """Route the forwards inside this block with `selection`, for callers that invoke
+        this model themselves (LLaVA calls its language model with fixed arguments)."""
+        self._pending_selection = selection
+        try:
+            yield
+        finally:
+            self._pending_selection = None
 
     def forward(self, *args, token_selection: Optional[TokenSelection] = None, **kwargs):
+        if token_selection is None:
+            token_selection = self._pending_selection
         if token_selection is None or token_selection.is_dense:
             return super().forward(*args, **kwargs)
         self._check_selection(token_selection, args, kwargs)

@@ -1,0 +1,352 @@
+"""`regate-train`: train an MLLM (Megatron-Core LLaVA) with ReGATE token elision.
+
+    parse flags -> bring up parallelism -> data (+ reference-loss store) -> model,
+    DDP, optimizer, LR schedule, scorer -> (resume) -> train loop -> final save.
+
+One step of the loop, top to bottom:
+    schedule  rho_t = keep_ratio_at(step); this step's global batch (deterministic)
+    score     one EMA lookup for the global batch; per micro-batch selection on the
+              model-parallel group's first rank, broadcast to the whole TP x PP group
+    micro     Megatron-Core's forward/backward schedule; loss summed over computed
+              target tokens and normalised per token across the global batch
+    step      EMA update (one exchange) + optimizer step + LR schedule
+    log       loss, rho, target tokens total/kept, layer-tokens, tokens/s
+    eval      dense held-out loss and greedy-decode answer accuracy
+    save      atomic checkpoint, "latest" pointer last
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from regate_megatron.arguments import model_args_dict, optimizer_config, parse_args
+from regate_megatron.data import ConversationDataset, collate
+from regate_megatron.mllm import build_model, llava_inputs, num_image_tokens
+from regate_megatron.parallel import destroy_parallel, initialize_parallel
+from regate_megatron.sampler import global_batch_positions, local_microbatch_positions
+from regate_megatron.selection import TokenSelection, broadcast_selections
+from regate_megatron.teacher import teacher_inputs
+from regate_megatron.tokenizer import SentencePieceTokenizer
+
+__all__ = ["main", "padded_vocab_size", "Run"]
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron-LM's rule: pad the vocabulary to a multiple of 128 x TP."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def log0(*parts) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("[regate-train]", *parts, flush=True)
+
+
+class Run:
+    """Everything one training run holds; built by `setup`, advanced by `train_step`."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.iteration = 0
+        self.counters = dict(target_tokens=0.0, kept_target_tokens=0.0, layer_tokens=0.0,
+                             dense_layer_tokens=0.0, train_seconds=0.0)
+
+    # ------------------------------------------------------------------ build
+    def setup(self) -> "Run":
+        from megatron.core.distributed import (
+            DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+        )
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from regate_megatron.cpu_compat import check_distrib_optim_sharding
+
+        args = self.args
+        self.tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+        self.image_tokens = 0 if args.text_only else num_image_tokens(args)
+        data_kw = dict(seq_length=args.seq_length, num_image_tokens=max(self.image_tokens, 1),
+                       image_size=(args.img_h, args.img_w), image_root=args.image_root,
+                       skip_bad_samples=args.skip_bad_samples)
+        self.train_data = ConversationDataset(args.data_path, self.tokenizer, **data_kw)
+        if self.train_data.num_skipped:
+            log0(f"skipped {self.train_data.num_skipped} bad records of {args.data_path}")
+        self.valid_data = (
+            ConversationDataset(args.valid_data_path, self.tokenizer, **data_kw)
+            if args.valid_data_path else None
+        )
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size)
+        args.vocab_size = self.vocab_size  # saved with the architecture in every checkpoint
+        self.store = None
+        if args.regate.enabled:
+            from regate_megatron.ref_store import RefLossStore
+
+            # Teacher and student must share the tokenizer; checked here, before any compute.
+            self.store = RefLossStore.open(args.regate.ref_store, dataset=self.train_data,
+                                           tokenizer=self.tokenizer)
+        if args.use_distributed_optimizer:
+            check_distrib_optim_sharding(args.distrib_optim_sharding_type)
+
+        initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            seed=args.seed)
+        torch.manual_seed(args.seed)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        module = build_model(args, self.vocab_size, regate_config=args.regate)
+        self.config = module.config
+        if args.language_model_checkpoint or args.vision_model_checkpoint:
+            self._load_pretrained(module)
+        self.model = [DistributedDataParallel(
+            self.config,
+            DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer,
+                                          grad_reduce_in_fp32=args.bf16),
+            module,
+        )]
+        self.optimizer = get_megatron_optimizer(optimizer_config(args), self.model)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
+            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+            end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        )
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model[0].no_sync
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.scorer = self._build_scorer() if args.regate.enabled else None
+        if args.load:
+            self._resume()
+        self._print_plan()
+        return self
+
+    def _load_pretrained(self, module) -> None:
+        from regate_megatron.checkpoint import load_module_weights
+
+        if self.args.language_model_checkpoint:
+            lm = module if self.args.text_only else module.language_model
+            load_module_weights(lm, self.args.language_model_checkpoint)
+        if self.args.vision_model_checkpoint and not self.args.text_only and module.vision_model:
+            load_module_weights(module.vision_model, self.args.vision_model_checkpoint)
+
+    def _build_scorer(self):
+        from regate_megatron.scoring import ReGateScorer
+
+        last_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        first_of_mp = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+        return ReGateScorer(
+            self.args.regate, self.store, self.vocab_size, group=dist.group.WORLD,
+            dp_rank=self.dp_rank, dp_size=self.dp_size,
+            lookup_source=first_of_mp, loss_source=last_tp0,
+        )
+
+    def _resume(self) -> None:
+        from regate_megatron.checkpoint import load_checkpoint
+
+        common = load_checkpoint(self.args.load, self.model, self.optimizer, self.scheduler,
+                                 self.scorer, sharding_type=self.args.distrib_optim_sharding_type)
+        self.iteration = int(common["iteration"])
+        self.counters.update(common.get("counters", {}))
+        log0(f"resumed from {self.args.load} at iteration {self.iteration}")
+
+    def save(self) -> None:
+        from regate_megatron.checkpoint import save_checkpoint
+
+        common = dict(args=model_args_dict(self.args), counters=dict(self.counters),
+                      world_size=dist.get_world_size(), tokenizer_sha256=self.tokenizer.sha256,
+                      consumed_samples=self.iteration * self.args.global_batch_size)
+        if self.scorer is not None:
+            common["regate_state"] = True
+        save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                        self.scorer, common=common, sharding_type=self.args.distrib_optim_sharding_type)
+        log0(f"saved iteration {self.iteration} to {self.args.save}")
+
+    def _print_plan(self) -> None:
+        args = self.args
+        tokens = args.global_batch_size * args.seq_length
+        line = (f"world {dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "
+                f"{args.pipeline_model_parallel_size} x DP {self.dp_size}; {args.num_microbatches} "
+                f"micro-batches of {args.micro_batch_size}; {tokens} tokens/step; "
+                f"{len(self.train_data)} training samples")
+        if args.regate.enabled:
+            from regate_megatron.schedule import mean_keep_ratio
+
+            span = args.regate.layer_span(args.num_layers)
+            line += (f"; ReGATE {args.regate.schedule} rho_min={args.regate.keep_ratio} over layers "
+                     f"{span[0]}:{span[1]}, mean keep ratio {mean_keep_ratio(args.regate, args.train_iters):.3f}")
+        log0(line)
+
+    # ------------------------------------------------------------------ data
+    def micro_batches(self, step: int):
+        """This rank's micro-batches of step `step` and the global batch's sample ids."""
+        args = self.args
+        positions = global_batch_positions(step, len(self.train_data), args.global_batch_size,
+                                           args.seed)
+        global_ids = [self.train_data.sample_ids[p] for p in positions]
+        local = local_microbatch_positions(positions, self.dp_rank, self.dp_size,
+                                           args.micro_batch_size)
+        batches = [collate([self.train_data[p] for p in mb], seq_length=args.seq_length,
+                           pad_id=self.tokenizer.pad_id) for mb in local]
+        return batches, global_ids
+
+    def model_inputs(self, batch) -> dict:
+        if self.args.text_only:
+            view = teacher_inputs(batch, pad_id=self.tokenizer.pad_id,
+                                  mode=self.args.regate.teacher_visual)
+            return dict(input_ids=view["input_ids"], position_ids=view["position_ids"],
+                        attention_mask=view["attention_mask"], labels=view["labels"]), view["loss_mask"]
+        return llava_inputs(batch, self.image_tokens), None
+
+    # ------------------------------------------------------------------ one step
+    def forward_step(self, data_iterator, model, records: list):
+        """Megatron `forward_step_func`: one micro-batch forward; the loss function returns
+        (loss summed over computed targets, computed target count, reduced stats)."""
+        batch, selection = next(data_iterator)
+        inputs, text_mask = self.model_inputs(batch)
+        output = model(**inputs, token_selection=selection)
+        if isinstance(output, tuple):
+            loss, loss_mask = output  # LLaVA: [b, s] loss and the combined-sequence loss mask
+        else:
+            loss, loss_mask = output, text_mask
+
+        def loss_func(output_tensor):
+            computed = loss_mask.bool()
+            if selection is not None:
+                computed = computed & selection.computed_loss_mask()
+            total = computed.sum()
+            loss_sum = (output_tensor.float() * computed).sum()
+            records.append((batch, output_tensor.detach().float(), computed))
+            stats = torch.stack([loss_sum.detach(), total.float()])
+            return loss_sum, total.int(), {"lm loss": stats}
+
+        return loss, loss_func
+
+    def select(self, step: int, batches, global_ids) -> List[Optional[TokenSelection]]:
+        """Per micro-batch selections, identical on every rank of the TP x PP group."""
+        if self.scorer is None:
+            return [None] * len(batches)
+        self.scorer.begin_step(step, global_ids)  # collective: EMA lookup for the global batch
+        selections = None
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
+            selections = [self.scorer.select(b.sample_ids, b.labels, b.loss_mask) for b in batches]
+        # Sync point: the model-parallel group receives its first rank's selections.
+        return broadcast_selections(selections, ps.get_model_parallel_group())
+
+    def train_step(self) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        args, step = self.args, self.iteration
+        start = time.perf_counter()
+        batches, global_ids = self.micro_batches(step)
+        selections = self.select(step, batches, global_ids)
+        records: list = []
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        get_forward_backward_func()(
+            forward_step_func=partial(self.forward_step, records=records),
+            data_iterator=iter(list(zip(batches, selections))),
+            model=self.model,
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=False,
+        )
+        if self.scorer is not None:  # collective: EMA update from the computed tokens
+            self.scorer.end_step(global_ids, records)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.iteration += 1
+        return self._step_metrics(batches, selections, records, grad_norm, time.perf_counter() - start)
+
+    def _step_metrics(self, batches, selections, records, grad_norm, seconds) -> dict:
+        """Global-batch numbers (one all-reduce over the world; only loss ranks contribute)."""
+        args = self.args
+        contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        stats = torch.zeros(6, dtype=torch.float64)
+        if contributes:
+            for (batch, loss, computed), selection in zip(records, selections):
+                targets = float(batch.loss_mask.sum())
+                kept = targets if selection is None else float(
+                    (batch.loss_mask.bool() & selection.target_mask & selection.keep_mask()).sum())
+                seq_tokens = batch.tokens.numel()
+                span = args.regate.layer_span(args.num_layers)
+                routed = span[1] - span[0]
+                kept_tokens = seq_tokens if selection is None else float((selection.keep_index >= 0).sum())
+                stats += torch.tensor([
+                    float((loss * computed).sum()), float(computed.sum()), targets, kept,
+                    (args.num_layers - routed) * seq_tokens + routed * kept_tokens,
+                    args.num_layers * seq_tokens,
+                ], dtype=torch.float64)
+        dist.all_reduce(stats)  # sync point: every rank learns the global numbers
+        loss_sum, computed, targets, kept, layer_tokens, dense_layer_tokens = stats.tolist()
+        c = self.counters
+        c["target_tokens"] += targets
+        c["kept_target_tokens"] += kept
+        c["layer_tokens"] += layer_tokens
+        c["dense_layer_tokens"] += dense_layer_tokens
+        c["train_seconds"] += seconds
+        return {
+            "step": self.iteration,
+            "lm_loss": loss_sum / max(computed, 1.0),
+            "keep_ratio": self.scorer.keep_ratio if self.scorer is not None else 1.0,
+            "target_tokens": targets,
+            "kept_target_tokens": kept,
+            "layer_tokens": layer_tokens,
+            "dense_layer_tokens": dense_layer_tokens,
+            "cum_kept_target_tokens": c["kept_target_tokens"],
+            "cum_target_tokens": c["target_tokens"],
+            "cum_layer_tokens": c["layer_tokens"],
+            "tokens_per_s": args.global_batch_size * args.seq_length / max(seconds, 1e-9),
+            "step_seconds": seconds,
+            "elapsed": c["train_seconds"],
+            "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        }
+
+
+def train(args: argparse.Namespace) -> Run:
+    from regate_megatron.evaluation import evaluate
+    from regate_megatron.metrics import MetricsLogger
+
+    run = Run(args).setup()
+    logger = MetricsLogger(args, start=run.iteration)
+    while run.iteration < args.train_iters:
+        metrics = run.train_step()                                        # schedule -> micro -> step
+        if args.eval_interval and (run.iteration % args.eval_interval == 0
+                                   or run.iteration == args.train_iters):
+            metrics.update(evaluate(run))                                  # dense held-out eval
+        logger.log(metrics)                                                # log
+        if args.save and args.save_interval and run.iteration % args.save_interval == 0:
+            run.save()                                                     # checkpoint
+    if args.save and not (args.save_interval and run.iteration % args.save_interval == 0):
+        run.save()
+    logger.close()
+    return run
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as err:  # a bad --regate-* value, named by ReGateConfig
+        print(f"regate-train: {err}", file=sys.stderr)
+        return 2
+    try:
+        train(args)
+    except ValueError as err:  # bad data / store / checkpoint: named, before step 1
+        print(f"regate-train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
