@@ -33,7 +33,7 @@ from regate_megatron.model import ReGateGPTModel
 from regate_megatron.selection import TokenSelection
 from regate_megatron.spec import get_regate_decoder_block_spec, resolve_backend
 
-__all__ = ["ReGateLLaVAModel", "build_model", "llava_inputs", "num_image_tokens"]
+__all__ = ["ReGateLLaVAModel", "build_model", "llava_inputs", "llava_kwargs", "num_image_tokens"]
 
 
 def num_image_tokens(args: argparse.Namespace) -> int:
@@ -112,6 +112,32 @@ def _vision_layer_spec(backend: str):
     return spec
 
 
+def llava_kwargs(args: argparse.Namespace, vocab_size: int, config, layer_spec, backend: str,
+                 common: dict) -> dict:
+    """Constructor arguments of Megatron-Core's `LLaVAModel` for these flags."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
+
+    return dict(
+        language_transformer_config=config,
+        language_transformer_layer_spec=layer_spec,
+        language_vocab_size=vocab_size,
+        language_max_sequence_length=args.seq_length,
+        vision_transformer_config=vision_config(args),
+        vision_transformer_layer_spec=_vision_layer_spec(backend),
+        drop_vision_class_token=True,
+        vision_projection_config=projection_config(args),
+        vision_projection_layer_spec=get_mlp_module_spec(use_te=backend == "te").submodules,
+        language_position_embedding_type=args.position_embedding_type,
+        language_rotary_base=args.rotary_base,
+        add_encoder=common["pre_process"],
+        add_decoder=True,
+        img_h=args.img_h,
+        img_w=args.img_w,
+        patch_dim=args.patch_dim,
+        **common,
+    )
+
+
 def build_model(
     args: argparse.Namespace,
     vocab_size: int,
@@ -143,28 +169,8 @@ def build_model(
             regate_config=regate_config,
             **common,
         )
-    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
-
-    model = ReGateLLaVAModel(
-        config,
-        layer_spec,
-        vocab_size,
-        args.seq_length,
-        vision_config(args),
-        _vision_layer_spec(backend),
-        drop_vision_class_token=True,
-        vision_projection_config=projection_config(args),
-        vision_projection_layer_spec=get_mlp_module_spec(use_te=backend == "te").submodules,
-        language_position_embedding_type=args.position_embedding_type,
-        language_rotary_base=args.rotary_base,
-        add_encoder=pre_process,
-        add_decoder=True,
-        img_h=args.img_h,
-        img_w=args.img_w,
-        patch_dim=args.patch_dim,
-        regate_config=regate_config,
-        **common,
-    )
+    model = ReGateLLaVAModel(**llava_kwargs(args, vocab_size, config, layer_spec, backend, common),
+                             regate_config=regate_config)
     # The schedules read model_type; the vision encoder lives on the first pipeline stage.
     model.model_type = ModelType.encoder_or_decoder
     if args.freeze_ViT or args.freeze_LM:
