@@ -139,6 +139,7 @@ class Run:
 
         last_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         first_of_mp = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+        self.scorer_records_losses = last_tp0
         return ReGateScorer(
             self.args.regate, self.store, self.vocab_size, group=dist.group.WORLD,
             dp_rank=self.dp_rank, dp_size=self.dp_size,
@@ -257,8 +258,11 @@ class Run:
             micro_batch_size=args.micro_batch_size,
             forward_only=False,
         )
-        if self.scorer is not None:  # collective: EMA update from the computed tokens
-            self.scorer.end_step(global_ids, records)
+        if self.scorer is not None:
+            if self.scorer_records_losses:
+                for batch, loss, computed in records:
+                    self.scorer.record(batch.sample_ids, batch.labels, batch.loss_mask, loss, computed)
+            self.scorer.end_step()  # collective: EMA update from the computed tokens
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
