@@ -111,6 +111,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
                    choices=["SentencePieceTokenizer"])
     d.add_argument("--tokenizer-model", default=None)
+    d.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP (as Megatron-LM)")
     d.add_argument("--skip-bad-samples", action="store_true",
                    help="skip invalid records (reported) instead of failing")
 

@@ -69,9 +69,12 @@ def llava_inputs(batch: Batch, image_tokens: int) -> dict:
     """
     tokens, labels, loss_mask = batch.tokens, batch.labels, batch.loss_mask  # [b, s] each
     b, s = tokens.shape
-    visual = tokens == IMAGE_TOKEN_INDEX
-    # keep a slot's first position only: [b, s] bool
-    first = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+    visual = tokens == IMAGE_TOKEN_INDEX  # [b, s]
+    # Index of each slot inside its run of consecutive slots; adjacent images ("<image><image>")
+    # form one run of several images, so an image starts at every multiple of image_tokens.
+    count = visual.long().cumsum(1)  # [b, s]
+    run_start = torch.where(visual, torch.zeros_like(count), count).cummax(1).values
+    first = visual & ((count - run_start - 1) % image_tokens == 0)
     keep = ~visual | first
     text_len = s - int(batch.num_images.min()) * (image_tokens - 1)
     input_ids = torch.zeros(b, text_len, dtype=tokens.dtype)

@@ -83,7 +83,8 @@ class Run:
             ConversationDataset(args.valid_data_path, self.tokenizer, **data_kw)
             if args.valid_data_path else None
         )
-        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size,
+                                            args.make_vocab_size_divisible_by)
         args.vocab_size = self.vocab_size  # saved with the architecture in every checkpoint
         self.store = None
         if args.regate.enabled:
@@ -141,7 +142,7 @@ class Run:
         first_of_mp = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
         self.scorer_records_losses = last_tp0
         return ReGateScorer(
-            self.args.regate, self.store, self.vocab_size, group=dist.group.WORLD,
+            self.args.regate, self.store, self.tokenizer.vocab_size, group=dist.group.WORLD,
             dp_rank=self.dp_rank, dp_size=self.dp_size,
             lookup_source=first_of_mp, loss_source=last_tp0,
         )

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from megatron.core.models.multimodal.llava_model import LLaVAModel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from fixtures_data import mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
+from fixtures_data import conv, mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
 from regate_megatron.arguments import build_parser, fill_model_defaults, language_config
 from regate_megatron.config import ReGateConfig
 from regate_megatron.data import ConversationDataset, collate
@@ -30,12 +30,14 @@ def tiny_args(**over):
 
 
 def mixed_batch(tmp_path, tokenizer, args):
-    """A batch whose samples hold 1, 0 and 2 images (the compressed text lengths differ)."""
+    """A batch whose samples hold 1, 0, 2 and 2 adjacent images (compressed lengths differ)."""
     records = mixed_records(str(tmp_path))
+    records.append({"id": "adjacent", "image": ["red.png", "red.png"],
+                    "conversations": conv("<image><image>\nwhat is it?", "a red box")})
     path = write_records(tmp_path / "data.json", records)
     data = ConversationDataset(path, tokenizer, seq_length=SEQ, num_image_tokens=num_image_tokens(args),
                                image_size=(args.img_h, args.img_w))
-    return collate([data[0], data[1], data[2]], seq_length=SEQ, pad_id=tokenizer.pad_id)
+    return collate([data[0], data[1], data[2], data[4]], seq_length=SEQ, pad_id=tokenizer.pad_id)
 
 
 def loss_and_grads(model, batch, **kw):
@@ -73,13 +75,13 @@ def test_llava_inputs_reproduce_the_expanded_layout(megatron_world, tmp_path, sp
     its loss mask is the batch's, and its per-token loss is CE(logits, batch.labels)."""
     args = tiny_args()
     batch = mixed_batch(tmp_path, spm_tokenizer, args)
-    assert batch.num_images.tolist() == [1, 0, 2]
+    assert batch.num_images.tolist() == [1, 0, 2, 2]
     torch.manual_seed(0)
     model = build_model(args, VOCAB)
     with torch.no_grad():
         loss, loss_mask = model(**llava_inputs(batch, 4))
         logits, _ = model(**dict(llava_inputs(batch, 4), labels=None))
-    assert loss.shape == (3, SEQ) and logits.shape[:2] == (3, SEQ)
+    assert loss.shape == (4, SEQ) and logits.shape[:2] == (4, SEQ)
     assert torch.equal(loss_mask, batch.loss_mask)
     targets = batch.loss_mask.bool()
     ce = F.cross_entropy(logits[targets], batch.labels[targets], reduction="none")
@@ -94,7 +96,7 @@ def test_routing_inside_llava(megatron_world, tmp_path, spm_tokenizer):
     torch.manual_seed(0)
     model = build_model(args, VOCAB, regate_config=ReGateConfig(enabled=True, keep_ratio=0.5))
     targets = batch.loss_mask.bool()
-    scores = torch.arange(SEQ, dtype=torch.float32).flip(0).expand(3, SEQ)  # earliest targets first
+    scores = torch.arange(SEQ, dtype=torch.float32).flip(0).expand(4, SEQ)  # earliest targets first
     selection = select_top_targets(scores, targets, 0.5)
     rows = []
     hook = model.language_model.decoder.layers[0].mlp.register_forward_hook(
