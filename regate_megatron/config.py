@@ -13,10 +13,21 @@ import ast
 import dataclasses
 import inspect
 import math
+import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["ReGateConfig", "add_regate_args", "flag_for", "parse_layer_span"]
+__all__ = ["CHOICES", "ReGateConfig", "add_regate_args", "flag_for", "parse_layer_span"]
+
+CHOICES = {
+    "score_norm": ("rank", "zscore", "none"),
+    "select_scope": ("sample", "batch"),
+    "schedule": ("constant", "cyclic", "cosine"),
+    "teacher_visual": ("pad", "drop"),
+}
+"""The allowed values of the string-valued fields (argparse ``choices`` and validation)."""
+
+_METAVARS = {"layers": "A:B", "ref_store": "PATH"}
 
 def parse_layer_span(text: str) -> Tuple[Optional[int], Optional[int]]:
     """Parse ``--regate-layers`` text ``a:b`` (either end may be empty) into ints."""
@@ -51,6 +62,46 @@ class ReGateConfig:
     """Round the kept length of a micro-batch up to this multiple (0 = automatic: 16 on GPU,
     1 on CPU; always also a multiple of the TP size under sequence parallelism)."""
 
+    ema_decay: float = 0.9
+    """Decay beta in [0, 1) of the student-loss EMA per (sample, target token):
+    e <- beta*e + (1-beta)*loss (the first observation sets e = loss). 0 keeps the last loss."""
+
+    lambda_: float = 0.5
+    """Weight lambda in [0, 1] of the reference loss in the importance score
+    lambda*N(ref) + (1-lambda)*N(student EMA); 1 = teacher only, 0 = student EMA only."""
+
+    score_norm: str = "rank"
+    """Normalisation N of reference loss and student difficulty before fusing: 'rank'
+    (average rank mapped to [0, 1]), 'zscore' or 'none'."""
+
+    select_scope: str = "sample"
+    """Where the top-k is taken: 'sample' (k = ceil(rho*|T|) per sample) or 'batch' (k over
+    all targets of the micro-batch jointly, scores normalised over the micro-batch)."""
+
+    schedule: str = "cyclic"
+    """Keep-ratio schedule rho_t after warmup: 'constant' (--regate-keep-ratio always),
+    'cyclic' (each cycle: --regate-dense-steps dense steps, then --regate-keep-ratio) or
+    'cosine' (dense steps, then a cosine from 1 down to --regate-keep-ratio at the cycle's
+    last step). See regate_megatron.schedule."""
+
+    warmup_steps: int = 0
+    """Dense optimizer steps (rho = 1) before the schedule starts."""
+
+    cycle_steps: int = 10
+    """Length in optimizer steps of one schedule cycle (>= 1)."""
+
+    dense_steps: int = 1
+    """Dense steps (rho = 1) at the start of every cycle, in [0, --regate-cycle-steps); they
+    refresh every target token's student EMA."""
+
+    teacher_visual: str = "pad"
+    """How the text-only teacher sees visual positions: 'pad' (replaced by the teacher's pad
+    token, positions line up) or 'drop' (removed from the teacher's sequence)."""
+
+    ref_store: Optional[str] = None
+    """Path of the reference-loss store (per-target teacher losses, built by
+    regate-precompute-ref) that the trainer reads."""
+
     def __post_init__(self):
         if isinstance(self.layers, str):
             self.layers = parse_layer_span(self.layers)
@@ -71,6 +122,36 @@ class ReGateConfig:
                 )
         if self.pad_multiple < 0:
             raise ValueError(f"--regate-pad-multiple must be >= 0, got {self.pad_multiple}")
+        if not (_is_real(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(
+                f"--regate-ema-decay must be in [0, 1), got {self.ema_decay!r}; "
+                f"0 keeps only the last observed loss"
+            )
+        if not (_is_real(self.lambda_) and 0.0 <= self.lambda_ <= 1.0):
+            raise ValueError(
+                f"--regate-lambda must be in [0, 1], got {self.lambda_!r}; "
+                f"1 scores by the reference loss only, 0 by the student EMA only"
+            )
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{flag_for(name)} must be one of {', '.join(allowed)}; "
+                    f"got {getattr(self, name)!r}"
+                )
+        for name, minimum in (("warmup_steps", 0), ("cycle_steps", 1), ("dense_steps", 0)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+                raise ValueError(f"{flag_for(name)} must be an integer >= {minimum}, got {value!r}")
+        if self.dense_steps >= self.cycle_steps:
+            raise ValueError(
+                f"--regate-dense-steps must be < --regate-cycle-steps ({self.cycle_steps}), got "
+                f"{self.dense_steps}; raise --regate-cycle-steps, or use --regate-keep-ratio 1.0 "
+                f"for dense training"
+            )
+        if self.ref_store is not None and not (isinstance(self.ref_store, str) and self.ref_store):
+            raise ValueError(
+                f"--regate-ref-store must be a non-empty path, got {self.ref_store!r}"
+            )
 
     def layer_span(self, num_layers: int) -> Tuple[int, int]:
         """The routed span ``[a, b)`` resolved against the model depth, validated."""
@@ -90,11 +171,18 @@ class ReGateConfig:
         return cls(**{f.name: getattr(args, _dest(f.name)) for f in dataclasses.fields(cls)})
 
 
+def _is_real(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def flag_for(field_name: str) -> str:
-    """The CLI flag of a config field: ``enabled`` -> ``--regate``, ``x_y`` -> ``--regate-x-y``."""
+    """The CLI flag of a config field: ``enabled`` -> ``--regate``, ``x_y`` -> ``--regate-x-y``;
+    a trailing underscore (a field named after a Python keyword) is dropped:
+    ``lambda_`` -> ``--regate-lambda``."""
     if field_name == "enabled":
         return "--regate"
-    return "--regate-" + field_name.replace("_", "-")
+    return "--regate-" + field_name.rstrip("_").replace("_", "-")
 
 
 def _dest(field_name: str) -> str:
@@ -121,18 +209,22 @@ def _field_docs(cls) -> dict:
 def add_regate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every ``--regate-*`` flag; usable as Megatron-LM's ``extra_args_provider``."""
     docs = _field_docs(ReGateConfig)
+    hints = typing.get_type_hints(ReGateConfig)
     group = parser.add_argument_group(title="ReGATE (reference-guided adaptive token elision)")
     for f in dataclasses.fields(ReGateConfig):
         flag, help_text = flag_for(f.name), docs[f.name]
         if f.name == "enabled":
             group.add_argument(flag, action="store_true", dest=_dest(f.name), help=help_text)
-        elif f.name == "layers":
-            group.add_argument(
-                flag, type=parse_layer_span, default=f.default, dest=_dest(f.name),
-                metavar="A:B", help=help_text,
-            )
+            continue
+        if f.name == "layers":
+            arg_type = parse_layer_span
         else:
-            group.add_argument(
-                flag, type=type(f.default), default=f.default, dest=_dest(f.name), help=help_text
+            # Optional[X] -> X; a plain annotation is its own type.
+            arg_type = next(
+                (t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name]
             )
+        group.add_argument(
+            flag, type=arg_type, default=f.default, dest=_dest(f.name),
+            choices=CHOICES.get(f.name), metavar=_METAVARS.get(f.name), help=help_text,
+        )
     return parser

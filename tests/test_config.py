@@ -5,9 +5,24 @@ import dataclasses
 
 import pytest
 
-from regate_megatron.config import ReGateConfig, add_regate_args, flag_for
+from regate_megatron.config import CHOICES, ReGateConfig, add_regate_args, flag_for
 
-FROZEN_FLAGS = ["--regate", "--regate-keep-ratio", "--regate-layers", "--regate-pad-multiple"]
+FROZEN_FLAGS = [
+    "--regate",
+    "--regate-keep-ratio",
+    "--regate-layers",
+    "--regate-pad-multiple",
+    "--regate-ema-decay",
+    "--regate-lambda",
+    "--regate-score-norm",
+    "--regate-select-scope",
+    "--regate-schedule",
+    "--regate-warmup-steps",
+    "--regate-cycle-steps",
+    "--regate-dense-steps",
+    "--regate-teacher-visual",
+    "--regate-ref-store",
+]
 
 
 def _parse(*argv):
@@ -55,3 +70,62 @@ def test_bad_layer_span_text(text):
 def test_span_outside_model(span, num_layers):
     with pytest.raises(ValueError, match="--regate-layers"):
         ReGateConfig(layers=span).layer_span(num_layers)
+
+
+def test_trailing_underscore_field_maps_to_plain_flag():
+    assert flag_for("lambda_") == "--regate-lambda"
+    args = _parse("--regate-lambda", "0.25")
+    assert args.regate_lambda == 0.25 and not hasattr(args, "regate_lambda_")
+    assert ReGateConfig.from_args(args).lambda_ == 0.25
+
+
+def test_new_flags_parse_to_typed_fields():
+    cfg = ReGateConfig.from_args(_parse(
+        "--regate-ema-decay", "0.75", "--regate-score-norm", "zscore",
+        "--regate-select-scope", "batch", "--regate-schedule", "cosine",
+        "--regate-warmup-steps", "3", "--regate-cycle-steps", "5", "--regate-dense-steps", "2",
+        "--regate-teacher-visual", "drop", "--regate-ref-store", "/data/ref",
+    ))
+    assert cfg == ReGateConfig(
+        ema_decay=0.75, score_norm="zscore", select_scope="batch", schedule="cosine",
+        warmup_steps=3, cycle_steps=5, dense_steps=2, teacher_visual="drop", ref_store="/data/ref",
+    )
+    assert type(cfg.warmup_steps) is int and type(cfg.ema_decay) is float
+    defaults = ReGateConfig.from_args(_parse())
+    assert defaults.ref_store is None and defaults.schedule == "cyclic" and defaults.lambda_ == 0.5
+
+
+def test_choices_come_from_one_table():
+    parser = add_regate_args(argparse.ArgumentParser())
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    assert {name: tuple(by_flag[flag_for(name)].choices) for name in CHOICES} == CHOICES
+    assert CHOICES["schedule"] == ("constant", "cyclic", "cosine")
+    assert by_flag["--regate-ref-store"].metavar == "PATH"
+    for name, allowed in CHOICES.items():
+        with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
+            _parse(flag_for(name), "bogus")
+        with pytest.raises(ValueError, match=f"{flag_for(name)} must be one of {', '.join(allowed)}"):
+            ReGateConfig(**{name: "bogus"})
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(ema_decay=1.0), "--regate-ema-decay must be in \\[0, 1\\)"),
+    (dict(ema_decay=-0.1), "--regate-ema-decay must be in"),
+    (dict(ema_decay=float("nan")), "--regate-ema-decay must be in"),
+    (dict(lambda_=1.5), "--regate-lambda must be in \\[0, 1\\]"),
+    (dict(lambda_=-0.5), "--regate-lambda must be in"),
+    (dict(warmup_steps=-1), "--regate-warmup-steps must be an integer >= 0"),
+    (dict(cycle_steps=0), "--regate-cycle-steps must be an integer >= 1"),
+    (dict(dense_steps=-1), "--regate-dense-steps must be an integer >= 0"),
+    (dict(cycle_steps=4, dense_steps=4), "--regate-dense-steps must be < --regate-cycle-steps \\(4\\)"),
+    (dict(cycle_steps=2.5), "--regate-cycle-steps must be an integer"),
+    (dict(ref_store=""), "--regate-ref-store must be a non-empty path"),
+])
+def test_invalid_values_name_the_flag(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ReGateConfig(**fields)
+
+
+def test_boundary_values_are_accepted():
+    ReGateConfig(ema_decay=0.0, lambda_=0.0)
+    ReGateConfig(lambda_=1.0, cycle_steps=1, dense_steps=0, warmup_steps=0)
