@@ -56,6 +56,16 @@ def initialize_parallel(
         else:  # a single process
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
+    if parallel_state.model_parallel_is_initialized():
+        current = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size())
+        if current != (tensor_model_parallel_size, pipeline_model_parallel_size):
+            raise RuntimeError(
+                f"model parallelism is already initialised as TP x PP = {current}; call "
+                f"destroy_parallel() before re-initialising with "
+                f"{(tensor_model_parallel_size, pipeline_model_parallel_size)}"
+            )
+        return  # already up (a second tool in the same process)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,

@@ -96,7 +96,9 @@ def teacher_losses(model, batch, pad_id: int, mode: str) -> List:
     return reference_losses(loss, view, batch)
 
 
-def build_store(args: argparse.Namespace) -> Optional[str]:
+def build_store(args: argparse.Namespace) -> dict:
+    """Build (or finish) the store; returns rank 0's numbers: teacher tokens and seconds of
+    the build loop (batching, teacher view, forward, shard writes, final merge)."""
     from regate_megatron.data import ConversationDataset, collate
     from regate_megatron.parallel import initialize_parallel
     from regate_megatron.ref_store import StoreBuilder
@@ -146,12 +148,13 @@ def build_store(args: argparse.Namespace) -> Optional[str]:
     dist.barrier()  # sync point: every rank's shards are written
     if rank == 0:
         builder.finalize(dataset.target_counts())
-        seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if rank == 0:
         print(f"[regate-precompute-ref] wrote {args.output}: {dataset.num_records} samples "
               f"({dataset.num_skipped} skipped), {tokens} teacher tokens on rank 0 in "
               f"{seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tok/s)", flush=True)
     dist.barrier()
-    return args.output
+    return dict(tokens=tokens, seconds=seconds, samples=todo)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regate-demo", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
     p.add_argument("--workdir", default="regate_demo", help="everything is written here")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each student")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps of each student")
     p.add_argument("--teacher-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-interval", type=int, default=20)
+    p.add_argument("--eval-interval", type=int, default=40)
     p.add_argument("--eval-batches", type=int, default=2, help="held-out batches of 16 per eval")
     p.add_argument("--keep-ratio", type=float, default=0.3, help="ReGATE rho_min")
     p.add_argument("--seed", type=int, default=1234)

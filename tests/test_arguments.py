@@ -1,0 +1,109 @@
+"""`regate-train` flags (frozen), start-up validation, vocabulary padding and the sampler."""
+
+import pytest
+
+from regate_megatron.arguments import build_parser, parse_args
+from regate_megatron.sampler import global_batch_positions, local_microbatch_positions
+from regate_megatron.train import padded_vocab_size
+
+FROZEN_TRAIN_FLAGS = [
+    "--adam-beta1", "--adam-beta2", "--adam-eps", "--attention-dropout", "--bf16", "--clip-grad",
+    "--data-path", "--distrib-optim-sharding-type", "--eval-interval", "--eval-iters",
+    "--eval-max-new-tokens", "--ffn-hidden-size", "--freeze-LM", "--freeze-ViT",
+    "--global-batch-size", "--group-query-attention", "--help", "--hidden-dropout", "--hidden-size",
+    "--image-root", "--img-h", "--img-w", "--init-method-std", "--language-model-checkpoint",
+    "--load", "--log-interval", "--lr", "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-iters",
+    "--make-vocab-size-divisible-by", "--max-position-embeddings", "--metrics-jsonl",
+    "--micro-batch-size", "--min-lr", "--no-progress", "--norm-epsilon", "--normalization",
+    "--num-attention-heads", "--num-layers", "--num-query-groups", "--patch-dim",
+    "--pipeline-model-parallel-size", "--position-embedding-type", "--regate",
+    "--regate-cycle-steps", "--regate-dense-steps", "--regate-ema-decay", "--regate-keep-ratio",
+    "--regate-lambda", "--regate-layers", "--regate-pad-multiple", "--regate-ref-store",
+    "--regate-schedule", "--regate-score-norm", "--regate-select-scope", "--regate-teacher-visual",
+    "--regate-warmup-steps", "--rotary-base", "--save", "--save-interval", "--seed", "--seq-length",
+    "--sequence-parallel", "--skip-bad-samples", "--swiglu", "--tensor-model-parallel-size",
+    "--tensorboard-dir", "--text-only", "--tokenizer-model", "--tokenizer-type", "--train-iters",
+    "--transformer-impl", "--untie-embeddings-and-output-weights", "--use-distributed-optimizer",
+    "--valid-data-path", "--vision-ffn-hidden-size", "--vision-hidden-size",
+    "--vision-model-checkpoint", "--vision-num-attention-heads", "--vision-num-layers",
+    "--weight-decay",
+]
+
+
+def test_train_flags_are_frozen():
+    parser = build_parser()
+    flags = sorted(o for a in parser._actions for o in a.option_strings if o.startswith("--"))
+    assert flags == sorted(FROZEN_TRAIN_FLAGS)
+
+
+@pytest.fixture
+def base(tmp_path):
+    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "t.model").write_text("")
+    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "64", "--train-iters", "2", "--lr", "1e-3",
+            "--data-path", str(tmp_path / "d.json"), "--tokenizer-model", str(tmp_path / "t.model")]
+
+
+def test_valid_flags_derive_megatron_defaults(base, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    args = parse_args(base + ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+                              "--global-batch-size", "16"])
+    assert (args.data_parallel_size, args.num_microbatches) == (4, 2)
+    assert args.ffn_hidden_size == 128 and args.num_query_groups == 4
+    assert args.max_position_embeddings == 64 and args.vision_num_layers == 4
+    assert args.regate.enabled is False
+
+
+@pytest.mark.parametrize("extra, env, needle", [
+    (["--no-such-flag"], {}, None),
+    (["--global-batch-size", "3", "--micro-batch-size", "2"], {}, "--global-batch-size"),
+    (["--tensor-model-parallel-size", "3"], {"WORLD_SIZE": "3"}, "--num-attention-heads"),
+    (["--pipeline-model-parallel-size", "2"], {"WORLD_SIZE": "3"}, "world size 3"),
+    (["--eval-interval", "5"], {}, "--valid-data-path"),
+    (["--save-interval", "5"], {}, "--save"),
+    (["--regate"], {}, "--regate-ref-store"),
+    (["--regate", "--regate-ref-store", "s", "--regate-layers", "2:9"], {}, "--regate-layers"),
+    (["--regate-keep-ratio", "0"], {}, "--regate-keep-ratio"),
+    (["--regate-dense-steps", "10"], {}, "--regate-dense-steps"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], {"WORLD_SIZE": "2"},
+     "--sequence-parallel"),
+    (["--valid-data-path", "/nonexistent.json"], {}, "--valid-data-path"),
+    (["--load", "/nonexistent"], {}, "--load"),
+], ids=lambda x: str(x)[:30])
+def test_bad_flags_are_named(base, monkeypatch, capsys, extra, env, needle):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises((SystemExit, ValueError)) as info:
+        parse_args(base + extra)
+    message = str(info.value) + capsys.readouterr().err
+    assert (needle or extra[0]) in message
+
+
+def test_missing_required_flags_are_listed(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--num-layers", "2"])
+    assert "--hidden-size" in str(info.value) and "--data-path" in str(info.value)
+
+
+def test_padded_vocab_size_follows_megatron():
+    assert padded_vocab_size(128, 1) == 128
+    assert padded_vocab_size(129, 1) == 256
+    assert padded_vocab_size(128, 2) == 256
+    assert padded_vocab_size(128, 2, divisible_by=64) == 128
+    assert padded_vocab_size(32000, 8) == 32768
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step():
+    n, g = 10, 4
+    steps = [global_batch_positions(t, n, g, seed=3) for t in range(5)]
+    assert steps == [global_batch_positions(t, n, g, seed=3) for t in range(5)]
+    flat = [i for s in steps for i in s]
+    assert sorted(flat[:10]) == list(range(10))  # epoch 0 is a permutation
+    assert sorted(flat[10:20]) == list(range(10))  # so is epoch 1 (step 2 straddles both)
+    assert flat[:10] != flat[10:20]
+    assert global_batch_positions(0, n, g, seed=4) != steps[0]
+    # data-parallel ranks take contiguous slices, split into micro-batches in order
+    parts = [local_microbatch_positions(steps[1], r, 2, 1) for r in range(2)]
+    assert parts == [[[steps[1][0]], [steps[1][1]]], [[steps[1][2]], [steps[1][3]]]]
