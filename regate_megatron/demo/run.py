@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-interval", type=int, default=40)
-    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches of 16 per eval")
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="held-out batches (of --batch-size samples) per evaluation")
     p.add_argument("--keep-ratio", type=float, default=0.3, help="ReGATE rho_min")
     p.add_argument("--seed", type=int, default=1234)
     return p
