@@ -259,6 +259,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         image_size: Union[int, Sequence[int]] = (224, 224),
         image_root: Optional[str] = None,
         skip_bad_samples: bool = False,
+        load_images: bool = True,
     ):
         if seq_length <= 0:
             raise ValueError(f"seq_length must be positive, got {seq_length}")
@@ -269,6 +270,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.data_path = str(data_path)
         self.tokenizer = tokenizer
         self.seq_length = int(seq_length)
+        # False for consumers that never look at pixels (the text-only teacher): images are
+        # still checked at construction, but items carry none (Sample.images is [0, 3, H, W]).
+        self.load_images = bool(load_images)
         self.num_image_tokens = int(num_image_tokens)
         self.image_size = _image_size(image_size)
         self.image_root = (
@@ -436,7 +440,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         h, w = self.image_size
         images = (
             torch.stack([load_image(p, self.image_size) for p in paths])
-            if paths else torch.zeros(0, 3, h, w)
+            if paths and self.load_images else torch.zeros(0, 3, h, w)
         )
         answer = [t["value"] for t in record["conversations"] if t["from"] == "gpt"][-1]
         return Sample(

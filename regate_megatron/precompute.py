@@ -109,7 +109,7 @@ def build_store(args: argparse.Namespace) -> dict:
     dataset = ConversationDataset(
         args.data_path, tokenizer, seq_length=args.seq_length, num_image_tokens=image_tokens,
         image_size=(args.img_h, args.img_w), image_root=args.image_root,
-        skip_bad_samples=args.skip_bad_samples,
+        skip_bad_samples=args.skip_bad_samples, load_images=False,  # the teacher sees no pixels
     )
     initialize_parallel(1, 1)
     rank, world = dist.get_rank(), dist.get_world_size()

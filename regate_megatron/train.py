@@ -75,7 +75,7 @@ class Run:
         self.image_tokens = 0 if args.text_only else num_image_tokens(args)
         data_kw = dict(seq_length=args.seq_length, num_image_tokens=max(self.image_tokens, 1),
                        image_size=(args.img_h, args.img_w), image_root=args.image_root,
-                       skip_bad_samples=args.skip_bad_samples)
+                       skip_bad_samples=args.skip_bad_samples, load_images=not args.text_only)
         self.train_data = ConversationDataset(args.data_path, self.tokenizer, **data_kw)
         if self.train_data.num_skipped:
             log0(f"skipped {self.train_data.num_skipped} bad records of {args.data_path}")

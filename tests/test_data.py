@@ -273,6 +273,20 @@ def test_image_root(tmp_path, spm_tokenizer):
     assert make_dataset(path, spm_tokenizer, image_root=str(img_dir))[0].images.shape[0] == 1
 
 
+def test_text_consumers_skip_pixels_but_not_checks(tmp_path, spm_tokenizer):
+    """load_images=False (the teacher): same tokens, no pixels; missing images still fail."""
+    path = write_records(tmp_path / "d.json", mixed_records(tmp_path))
+    full, text = make_dataset(path, spm_tokenizer), make_dataset(path, spm_tokenizer, load_images=False)
+    for i in range(len(full)):
+        assert torch.equal(full[i].tokens, text[i].tokens)
+        assert torch.equal(full[i].loss_mask, text[i].loss_mask)
+        assert text[i].images.shape[0] == 0
+    assert full[0].images.shape[0] == 1
+    os.remove(tmp_path / "red.png")
+    with pytest.raises(ValueError, match="red.png"):
+        make_dataset(path, spm_tokenizer, load_images=False)
+
+
 # -- collate ---------------------------------------------------------------------------
 
 
