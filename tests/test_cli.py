@@ -149,12 +149,27 @@ def test_dense_two_rank_runs_with_eval(ws):
     """Dense (no --regate) student under PP2 with held-out greedy-decode evaluation."""
     train(ws, "--train-iters", "2", "--pipeline-model-parallel-size", "2", "--valid-data-path",
           "valid.json", "--eval-interval", "2", "--metrics-jsonl", "dense_pp2.jsonl",
-          "--eval-max-new-tokens", "4", nproc=2)
+          "--eval-max-new-tokens", "4", "--tensorboard-dir", "tb", nproc=2)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(ws / "tb"))
     rows = metrics(ws / "dense_pp2.jsonl")
     assert [m["keep_ratio"] for m in rows] == [1.0, 1.0]
     assert all(m["kept_target_tokens"] == m["target_tokens"] for m in rows)
     assert rows[-1]["eval_samples"] == 4 and 0.0 <= rows[-1]["eval_accuracy"] <= 1.0
     assert np.isfinite(rows[-1]["eval_loss"])
+
+
+def test_distributed_optimizer_resume(ws):
+    """DP2 with the distributed optimizer: stop at 2 and resume to 3 == 3 straight."""
+    flags = [*REGATE, "--regate-ref-store", "store", "--use-distributed-optimizer",
+             "--language-model-checkpoint", "teacher"]
+    train(ws, *flags, "--train-iters", "3", "--metrics-jsonl", "do_full.jsonl", nproc=2)
+    train(ws, *flags, "--train-iters", "2", "--save", "do_ckpt", nproc=2)
+    train(ws, *flags, "--train-iters", "3", "--load", "do_ckpt", "--metrics-jsonl",
+          "do_resumed.jsonl", nproc=2)
+    full, resumed = metrics(ws / "do_full.jsonl"), metrics(ws / "do_resumed.jsonl")
+    assert [m["step"] for m in resumed] == [3]
+    for key in ("lm_loss", "kept_target_tokens", "grad_norm"):
+        assert resumed[0][key] == full[2][key], key
 
 
 def test_precompute_two_ranks_equals_one(ws):

@@ -109,3 +109,14 @@ def test_routing_inside_llava(megatron_world, tmp_path, spm_tokenizer):
     assert rows == [int(selection.keep_mask().sum(1).max())] and rows[0] < SEQ
     assert model.language_model.token_router.last_keep_index is selection.keep_index
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_freeze_flags_follow_megatron(megatron_world):
+    args = tiny_args(freeze_ViT=True)
+    model = build_model(args, VOCAB)
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert all(p.requires_grad for p in model.language_model.parameters())
+    assert all(p.requires_grad for p in model.vision_projection.parameters())
+    model = build_model(tiny_args(freeze_LM=True), VOCAB)
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert all(p.requires_grad for p in model.vision_model.parameters())
