@@ -13,7 +13,6 @@ builders turn the namespace into Megatron-Core configs:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import List, Optional
 
@@ -250,12 +249,6 @@ def validate_args(args: argparse.Namespace) -> None:
 def model_args_dict(args: argparse.Namespace) -> dict:
     """The architecture flags, saved in checkpoints (JSON-safe)."""
     return {name: getattr(args, name, None) for name in MODEL_ARG_NAMES}
-
-
-def args_from_checkpoint_dict(saved: dict) -> argparse.Namespace:
-    """A namespace with the saved architecture (for rebuilding a checkpointed model)."""
-    ns = argparse.Namespace(**json.loads(json.dumps(saved)))
-    return ns
 
 
 def _dtype(args) -> torch.dtype:

@@ -62,6 +62,7 @@ __all__ = [
     "ConversationDataset",
     "collate",
     "load_image",
+    "read_json_records",
 ]
 
 IMAGE_TOKEN_INDEX = -200  # Megatron LLaVA's image token index
@@ -197,8 +198,10 @@ def load_image(path: str, image_size: Union[int, Sequence[int]]) -> torch.Tensor
     return ((x - 0.5) / 0.5).contiguous()
 
 
-def _read_records(data_path: str) -> list:
-    with open(data_path, "r", encoding="utf-8") as f:
+def read_json_records(path: str, what: str = "the data file") -> list:
+    """Objects of a JSON list or a JSON Lines file (one object per line); a bad line is an
+    error naming ``path:line`` and what the file should be."""
+    with open(path, "r", encoding="utf-8") as f:
         text = f.read()
     try:
         parsed = json.loads(text)
@@ -216,8 +219,8 @@ def _read_records(data_path: str) -> list:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise ValueError(
-                f"{data_path}:{lineno}: not valid JSON ({exc.msg}); the data file must be a "
-                f"JSON list of records or JSON Lines (one record per line)"
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); {what} must be a JSON list "
+                f"or JSON Lines (one object per line)"
             ) from None
     return records
 
@@ -298,7 +301,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         )
         self.fingerprint = fingerprint.hexdigest()
 
-        self._records = _read_records(self.data_path)
+        self._records = read_json_records(self.data_path)
         self.num_records = len(self._records)
         self._target_counts = np.zeros(self.num_records, dtype=np.int64)
         self.sample_ids: List[int] = []

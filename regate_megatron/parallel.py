@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["initialize_parallel", "destroy_parallel"]
+__all__ = ["initialize_parallel", "destroy_parallel", "run_tool"]
 
 
 def _free_port() -> int:
@@ -81,3 +82,17 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_tool(prog: str, body: Callable[[], Any]) -> int:
+    """Run a command-line tool's body: an input error (bad data, store, checkpoint) becomes
+    one message naming the tool and exit status 2; parallel state is always torn down."""
+    try:
+        body()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            destroy_parallel()
+    return 0

@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_teacher(load_dir: str, tokenizer):
     """The frozen teacher GPT (local attention: it honours the pad mask) and its id."""
-    from regate_megatron.arguments import args_from_checkpoint_dict
     from regate_megatron.checkpoint import latest_iteration, load_module_weights, read_common_state
     from regate_megatron.mllm import build_model
 
@@ -67,7 +66,7 @@ def load_teacher(load_dir: str, tokenizer):
             f"{teacher_sha[:12]}...) than --tokenizer-model {tokenizer.model_path} "
             f"({tokenizer.sha256[:12]}...); teacher and student must share the tokenizer"
         )
-    args = args_from_checkpoint_dict(common["args"])
+    args = argparse.Namespace(**common["args"])  # the architecture it was saved with
     args.text_only, args.transformer_impl = True, "local"
     args.hidden_dropout = args.attention_dropout = 0.0
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
@@ -158,18 +157,10 @@ def build_store(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from regate_megatron.parallel import destroy_parallel
+    from regate_megatron.parallel import run_tool
 
     args = build_parser().parse_args(argv)
-    try:
-        build_store(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"regate-precompute-ref: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            destroy_parallel()
-    return 0
+    return run_tool("regate-precompute-ref", lambda: build_store(args))
 
 
 if __name__ == "__main__":

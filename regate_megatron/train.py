@@ -18,7 +18,6 @@ One step of the loop, top to bottom:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from functools import partial
@@ -31,7 +30,7 @@ from megatron.core import parallel_state as ps
 from regate_megatron.arguments import model_args_dict, optimizer_config, parse_args
 from regate_megatron.data import ConversationDataset, collate
 from regate_megatron.mllm import build_model, llava_inputs, num_image_tokens
-from regate_megatron.parallel import destroy_parallel, initialize_parallel
+from regate_megatron.parallel import initialize_parallel, run_tool
 from regate_megatron.sampler import global_batch_positions, local_microbatch_positions
 from regate_megatron.selection import TokenSelection, broadcast_selections
 from regate_megatron.teacher import teacher_inputs
@@ -342,15 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:  # a bad --regate-* value, named by ReGateConfig
         print(f"regate-train: {err}", file=sys.stderr)
         return 2
-    try:
-        train(args)
-    except ValueError as err:  # bad data / store / checkpoint: named, before step 1
-        print(f"regate-train: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            destroy_parallel()
-    return 0
+    return run_tool("regate-train", lambda: train(args))  # bad data/store/checkpoint: before step 1
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ that it reaches the dense peak with fewer of both: ratios below 1.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import List, Optional
+
+from regate_megatron.data import read_json_records
 
 __all__ = [
     "load_metrics",
@@ -24,19 +25,7 @@ __all__ = [
 
 def load_metrics(path: str) -> List[dict]:
     """The per-step records of a ``--metrics-jsonl`` file, in file order."""
-    records = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one metrics object "
-                    f"per line (regate-train --metrics-jsonl)"
-                ) from None
-    return records
+    return read_json_records(path, what="a metrics file (regate-train --metrics-jsonl)")
 
 
 def _evals(run: List[dict]) -> List[dict]:
