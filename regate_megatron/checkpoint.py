@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from regate_megatron.cpu_compat import (
     distributed_optimizer_sharded_state_dict,
@@ -202,13 +203,26 @@ def load_checkpoint(
     return common
 
 
-def load_module_weights(module: torch.nn.Module, root: str) -> int:
-    """Load only the weights of `module` (LLaVA's language model from a GPT checkpoint, a
-    vision encoder, the teacher) from the latest checkpoint under `root`; returns its iteration.
-    Every parameter of `module` must be in the checkpoint."""
+def load_module_weights(module: torch.nn.Module, root: str, prefixes=("",)) -> int:
+    """Load only the weights of `module` from the latest checkpoint under `root`; returns
+    its iteration. The checkpoint may hold `module` alone (a GPT for LLaVA's language model,
+    a ViT, the teacher) or inside a larger model under one of `prefixes` (e.g. a LLaVA run's
+    ``language_model.``). Every parameter of `module` must be found."""
     path = _checkpoint_dir(root)
-    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)
-    result = module.load_state_dict(loaded["model"], strict=False)
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    for prefix in prefixes:
+        sharded = module.sharded_state_dict(prefix=prefix)
+        keys = [t.key for t in nested_values(sharded) if isinstance(t, ShardedTensor)]
+        if keys and all(k in saved for k in keys):
+            break
+    else:
+        raise ValueError(
+            f"{path} does not hold the weights of this {type(module).__name__} (alone or under "
+            f"{[p for p in prefixes if p]}); is it a checkpoint of this architecture?"
+        )
+    loaded = dist_checkpointing.load({"model": sharded}, path)
+    state = {k[len(prefix):]: v for k, v in loaded["model"].items()}
+    result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} weights of {type(module).__name__}, "

@@ -128,11 +128,13 @@ class Run:
     def _load_pretrained(self, module) -> None:
         from regate_megatron.checkpoint import load_module_weights
 
+        # A GPT / ViT checkpoint, or the language / vision part of an earlier LLaVA run.
         if self.args.language_model_checkpoint:
             lm = module if self.args.text_only else module.language_model
-            load_module_weights(lm, self.args.language_model_checkpoint)
+            load_module_weights(lm, self.args.language_model_checkpoint, ("", "language_model."))
         if self.args.vision_model_checkpoint and not self.args.text_only and module.vision_model:
-            load_module_weights(module.vision_model, self.args.vision_model_checkpoint)
+            load_module_weights(module.vision_model, self.args.vision_model_checkpoint,
+                                ("", "vision_model."))
 
     def _build_scorer(self):
         from regate_megatron.scoring import ReGateScorer

@@ -120,3 +120,40 @@ def test_freeze_flags_follow_megatron(megatron_world):
     model = build_model(tiny_args(freeze_LM=True), VOCAB)
     assert not any(p.requires_grad for p in model.language_model.parameters())
     assert all(p.requires_grad for p in model.vision_model.parameters())
+
+
+def _load_parts(rank, ckpt_dir):
+    from regate_megatron.checkpoint import load_module_weights, save_checkpoint
+
+    args = tiny_args()
+    torch.manual_seed(1)
+    saved = build_model(args, VOCAB)
+    save_checkpoint(ckpt_dir, 1, [saved])
+    torch.manual_seed(2)
+    fresh = build_model(args, VOCAB)
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+    out = {"lm_before": same(saved.language_model, fresh.language_model)}
+    load_module_weights(fresh.vision_model, ckpt_dir, ("", "vision_model."))
+    out["vision"] = same(saved.vision_model, fresh.vision_model)
+    out["lm_untouched"] = same(saved.language_model, fresh.language_model)
+    load_module_weights(fresh.language_model, ckpt_dir, ("", "language_model."))
+    out["lm"] = same(saved.language_model, fresh.language_model)
+    try:
+        load_module_weights(fresh.vision_model, ckpt_dir)  # no prefix: not a bare ViT checkpoint
+        out["error"] = None
+    except ValueError as err:
+        out["error"] = str(err)
+    return out
+
+
+def test_language_and_vision_weights_load_from_a_llava_checkpoint(tmp_path):
+    """--language-model-checkpoint / --vision-model-checkpoint accept an earlier LLaVA run."""
+    from dist import run_world
+
+    out = run_world(_load_parts, world_size=1, ckpt_dir=str(tmp_path / "ckpt"))[0]
+    assert out["lm_before"] is False and out["lm_untouched"] is False
+    assert out["vision"] and out["lm"]
+    assert out["error"] and "does not hold the weights" in out["error"]
