@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_teacher(load_dir: str, tokenizer):
-    """The frozen teacher GPT (local attention: it honours the pad mask) and its id."""
-    from regate_megatron.checkpoint import latest_iteration, load_module_weights, read_common_state
-    from regate_megatron.mllm import build_model
+def teacher_args(load_dir: str, tokenizer) -> argparse.Namespace:
+    """The teacher's architecture from its checkpoint, after checking that it shares the
+    student's tokenizer (read from the checkpoint alone: no data, no model, no compute)."""
+    from regate_megatron.checkpoint import read_common_state
 
     common = read_common_state(load_dir)
     if "args" not in common:
@@ -67,14 +67,22 @@ def load_teacher(load_dir: str, tokenizer):
             f"({tokenizer.sha256[:12]}...); teacher and student must share the tokenizer"
         )
     args = argparse.Namespace(**common["args"])  # the architecture it was saved with
-    args.text_only, args.transformer_impl = True, "local"
-    args.hidden_dropout = args.attention_dropout = 0.0
-    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(
             f"--tokenizer-model has {tokenizer.vocab_size} tokens but the teacher's vocabulary is "
             f"{args.vocab_size}; teacher and student must share the tokenizer"
         )
+    args.text_only, args.transformer_impl = True, "local"
+    args.hidden_dropout = args.attention_dropout = 0.0
+    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    return args
+
+
+def load_teacher(load_dir: str, args: argparse.Namespace):
+    """The frozen teacher GPT (local attention: it honours the pad mask) and its id."""
+    from regate_megatron.checkpoint import latest_iteration, load_module_weights
+    from regate_megatron.mllm import build_model
+
     model = build_model(args, args.vocab_size, pre_process=True, post_process=True)
     iteration = load_module_weights(model, load_dir)
     model.eval()
@@ -104,6 +112,7 @@ def build_store(args: argparse.Namespace) -> dict:
     from regate_megatron.tokenizer import SentencePieceTokenizer
 
     tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+    architecture = teacher_args(args.load, tokenizer)  # the tokenizer check comes first
     image_tokens = (args.img_h // args.patch_dim) * (args.img_w // args.patch_dim)
     dataset = ConversationDataset(
         args.data_path, tokenizer, seq_length=args.seq_length, num_image_tokens=image_tokens,
@@ -112,7 +121,7 @@ def build_store(args: argparse.Namespace) -> dict:
     )
     initialize_parallel(1, 1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, teacher_name = load_teacher(args.load, tokenizer)
+    model, teacher_name = load_teacher(args.load, architecture)
     meta = dict(teacher=teacher_name, tokenizer_sha256=tokenizer.sha256,
                 dataset_fingerprint=dataset.fingerprint, teacher_visual=args.regate_teacher_visual)
     builder = StoreBuilder(args.output, num_samples=dataset.num_records, rank=rank,

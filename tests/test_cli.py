@@ -215,6 +215,17 @@ def test_bad_inputs_fail_before_step_one(ws):
                 expect_ok=False)
     assert proc.returncode == 2 and "broken" in proc.stderr and "--skip-bad-samples" in proc.stderr
     assert not (ws / "bad.jsonl").exists()
+    # a teacher trained with another tokenizer: refused before any teacher compute
+    from regate_megatron.tokenizer import train_sentencepiece
+
+    train_sentencepiece([line.upper() for line in synthetic_corpus()], str(ws / "other_tok"),
+                        vocab_size=100)
+    proc = _run(["regate_megatron.precompute", "--data-path", "train.json", "--tokenizer-model",
+                 "other_tok.model", "--load", "teacher", "--output", "store_bad",
+                 "--seq-length", str(SEQ), "--img-h", "8", "--img-w", "8", "--patch-dim", "4"],
+                ws, expect_ok=False)
+    assert proc.returncode == 2 and "share the tokenizer" in proc.stderr
+    assert not (ws / "store_bad").exists()
     # ... and --skip-bad-samples trains on the rest
     train_ok = _run(["regate_megatron.train", *TINY, "--data-path", "bad.json", "--tokenizer-model",
                      "tok.model", "--train-iters", "1", "--skip-bad-samples"], ws)
