@@ -148,6 +148,8 @@ def save_checkpoint(
     state.update(common or {})
     state["iteration"] = iteration
     state.setdefault("world_size", dist.get_world_size())
+    if optimizer is not None:
+        state["distributed_optimizer"] = bool(getattr(optimizer.config, "use_distributed_optimizer", False))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp)
@@ -183,6 +185,15 @@ def load_checkpoint(
         raise ValueError(
             f"{path} was written by a run without --regate; resume it without --regate or "
             f"start a new --save directory"
+        )
+    saved_dist_opt = common.get("distributed_optimizer")
+    if optimizer is not None and saved_dist_opt is not None and saved_dist_opt != getattr(
+        optimizer.config, "use_distributed_optimizer", False
+    ):
+        flag = "with" if saved_dist_opt else "without"
+        raise ValueError(
+            f"{path} was saved {flag} --use-distributed-optimizer (another optimizer-state "
+            f"layout); resume {flag} it"
         )
     if "rng_state" in state and common.get("world_size") != dist.get_world_size():
         state.pop("rng_state")  # RNG streams are per rank: they do not carry to another world size

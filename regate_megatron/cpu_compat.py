@@ -248,7 +248,8 @@ def _report_cuda_type_during(original: Callable) -> Callable:
 
 
 def _patch_tensor_type_checks() -> None:
-    # `param.type() == 'torch.cuda.FloatTensor'` checks: DistributedOptimizer.__init__
+    # `param.type() == 'torch.cuda.FloatTensor'` checks: DistributedOptimizer.__init__,
+    # Float16OptimizerWithFloat16Params.__init__
     # (TypeError "Wrapped parameters must be one of torch.cuda.FloatTensor ...") and
     # clip_grad_by_total_norm_fp32 (AssertionError on every step with clip_grad > 0).
     from megatron.core.optimizer import clip_grads
@@ -256,6 +257,8 @@ def _patch_tensor_type_checks() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     _install(DistributedOptimizer, "__init__", _report_cuda_type_during)
+    # --bf16 / --fp16 without the distributed optimizer: the same check on the fp16 params.
+    _install(mcore_optimizer.Float16OptimizerWithFloat16Params, "__init__", _report_cuda_type_during)
     _install(clip_grads, "clip_grad_by_total_norm_fp32", _report_cuda_type_during)
     # optimizer.py imported the function by name; point that name at the same wrapper.
     mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32

@@ -38,7 +38,9 @@ def _forward_only(run, batch, *, with_labels: bool) -> list:
         inputs, text_mask = run.model_inputs(next(data_iterator))
         if not with_labels:
             inputs["labels"] = None
-        inputs["runtime_gather_output"] = True  # full-vocabulary logits on every TP rank
+            # Decoding needs full-vocabulary logits on every TP rank; the loss path must keep
+            # them vocab-parallel (its cross entropy reduces over the TP group itself).
+            inputs["runtime_gather_output"] = True
         output = model(**inputs)
         if isinstance(output, tuple):
             output, loss_mask = output

@@ -59,7 +59,7 @@ class ReGateLLaVAModel(LLaVAModel):
             return super().forward(*args, **kwargs)
 
 
-def llava_inputs(batch: Batch, image_tokens: int) -> dict:
+def llava_inputs(batch: Batch, image_tokens: int, dtype: torch.dtype = torch.float32) -> dict:
     """Expanded batch -> LLaVA's inputs (one placeholder per image).
 
     Every image's `image_tokens` slots collapse to one `IMAGE_TOKEN_INDEX`; the
@@ -91,7 +91,7 @@ def llava_inputs(batch: Batch, image_tokens: int) -> dict:
         text_labels[i, :n] = labels[i, nxt]
     position_ids = torch.arange(text_len).unsqueeze(0).expand(b, -1)
     return dict(
-        images=batch.images,
+        images=batch.images.to(dtype),  # the vision encoder's parameter dtype (--bf16)
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=None,

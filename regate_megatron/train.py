@@ -103,6 +103,10 @@ class Run:
         self.config = module.config
         if args.language_model_checkpoint or args.vision_model_checkpoint:
             self._load_pretrained(module)
+        if args.bf16:  # as Megatron-LM: parameters in bf16, fp32 inputs/outputs cast at the ends
+            from megatron.core.transformer.module import Float16Module
+
+            module = Float16Module(self.config, module)
         self.model = [DistributedDataParallel(
             self.config,
             DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer,
@@ -203,7 +207,7 @@ class Run:
                                   mode=self.args.regate.teacher_visual)
             return dict(input_ids=view["input_ids"], position_ids=view["position_ids"],
                         attention_mask=view["attention_mask"], labels=view["labels"]), view["loss_mask"]
-        return llava_inputs(batch, self.image_tokens), None
+        return llava_inputs(batch, self.image_tokens, self.config.params_dtype), None
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, data_iterator, model, records: list):

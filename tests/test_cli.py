@@ -27,6 +27,7 @@ TINY = [
     "--no-progress", "--log-interval", "1", "--seed", "7",
     "--make-vocab-size-divisible-by", "64",  # 128 tokens: the same padded vocabulary at TP1 and TP2
 ]
+EVAL = ["--valid-data-path", "valid.json", "--eval-interval", "4", "--eval-max-new-tokens", "6"]
 REGATE = ["--regate", "--regate-keep-ratio", "0.4", "--regate-cycle-steps", "3",
           "--regate-dense-steps", "1"]
 
@@ -81,7 +82,7 @@ def ws(tmp_path_factory):
           "--language-model-checkpoint", "teacher")
     # The uninterrupted reference: 4 steps straight.
     train(root, *REGATE, "--regate-ref-store", "store", "--train-iters", "4", "--save", "full",
-          "--language-model-checkpoint", "teacher", "--metrics-jsonl", "full.jsonl")
+          "--language-model-checkpoint", "teacher", "--metrics-jsonl", "full.jsonl", *EVAL)
     return root
 
 
@@ -135,7 +136,7 @@ def test_two_ranks_continue_like_one(ws, layout):
     name = "x".join(layout[::2]).strip("-") or "dp2"
     out = f"{name}.jsonl"
     train(ws, *REGATE, "--regate-ref-store", "store", "--train-iters", "4", "--load", "ckpt2",
-          "--metrics-jsonl", out, *layout, nproc=2)
+          "--metrics-jsonl", out, *EVAL, *layout, nproc=2)
     full, got = metrics(ws / "full.jsonl")[2:], metrics(ws / out)
     assert [m["step"] for m in got] == [3, 4]
     for a, b in zip(full, got):
@@ -143,6 +144,10 @@ def test_two_ranks_continue_like_one(ws, layout):
         assert b["kept_target_tokens"] == a["kept_target_tokens"]
         assert b["target_tokens"] == a["target_tokens"]
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
+    # dense held-out evaluation (loss and greedy decode) agrees with one rank too
+    assert got[-1]["eval_loss"] == pytest.approx(full[-1]["eval_loss"], rel=1e-5)
+    assert got[-1]["eval_accuracy"] == full[-1]["eval_accuracy"]
+    assert got[-1]["eval_samples"] == full[-1]["eval_samples"] == 4
 
 
 def test_dense_two_rank_runs_with_eval(ws):
@@ -230,3 +235,17 @@ def test_bad_inputs_fail_before_step_one(ws):
     train_ok = _run(["regate_megatron.train", *TINY, "--data-path", "bad.json", "--tokenizer-model",
                      "tok.model", "--train-iters", "1", "--skip-bad-samples"], ws)
     assert "skipped 1 bad records" in train_ok.stdout
+
+
+def test_bf16_and_optimizer_layout_guard(ws):
+    """--bf16 trains (Float16Module, bf16 images); resuming with another optimizer layout is
+    refused with the flag to use."""
+    train(ws, *REGATE, "--regate-ref-store", "store", "--train-iters", "2", "--bf16",
+          "--language-model-checkpoint", "teacher", "--metrics-jsonl", "bf16.jsonl")
+    rows = metrics(ws / "bf16.jsonl")
+    assert len(rows) == 2 and all(np.isfinite(m["lm_loss"]) for m in rows)
+    assert rows[1]["kept_target_tokens"] < rows[1]["target_tokens"]
+    proc = train(ws, *REGATE, "--regate-ref-store", "store", "--train-iters", "3", "--load", "ckpt2",
+                 "--use-distributed-optimizer", "--metrics-jsonl", "layout.jsonl", expect_ok=False)
+    assert proc.returncode == 2 and "--use-distributed-optimizer" in proc.stderr
+    assert not (ws / "layout.jsonl").exists()
