@@ -249,3 +249,17 @@ def test_bf16_and_optimizer_layout_guard(ws):
                  "--use-distributed-optimizer", "--metrics-jsonl", "layout.jsonl", expect_ok=False)
     assert proc.returncode == 2 and "--use-distributed-optimizer" in proc.stderr
     assert not (ws / "layout.jsonl").exists()
+
+
+def test_keep_ratio_one_is_the_dense_run(ws):
+    """--regate at rho = 1 trains exactly like the run without --regate (same losses, norms)."""
+    common = ["--train-iters", "3", "--language-model-checkpoint", "teacher"]
+    train(ws, *common, "--metrics-jsonl", "plain.jsonl")
+    train(ws, *common, "--regate", "--regate-ref-store", "store", "--regate-keep-ratio", "1.0",
+          "--metrics-jsonl", "rho1.jsonl")
+    plain, rho1 = metrics(ws / "plain.jsonl"), metrics(ws / "rho1.jsonl")
+    for a, b in zip(plain, rho1):
+        for key in ("lm_loss", "grad_norm", "target_tokens", "kept_target_tokens", "layer_tokens"):
+            assert a[key] == b[key], key
+    # the ReGATE run's first (dense) step is the plain run's first step as well
+    assert metrics(ws / "full.jsonl")[0]["lm_loss"] == plain[0]["lm_loss"]
