@@ -71,8 +71,10 @@ class Run:
 
         args = self.args
         self.tokenizer = SentencePieceTokenizer(args.tokenizer_model)
-        self.image_tokens = 0 if args.text_only else num_image_tokens(args)
-        data_kw = dict(seq_length=args.seq_length, num_image_tokens=max(self.image_tokens, 1),
+        # Text-only runs (the teacher) keep the student's layout: the same image slots, which the
+        # teacher view masks, so positions match what regate-precompute-ref scores later.
+        self.image_tokens = num_image_tokens(args)
+        data_kw = dict(seq_length=args.seq_length, num_image_tokens=self.image_tokens,
                        image_size=(args.img_h, args.img_w), image_root=args.image_root,
                        skip_bad_samples=args.skip_bad_samples, load_images=not args.text_only)
         self.train_data = ConversationDataset(args.data_path, self.tokenizer, **data_kw)
