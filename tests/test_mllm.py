@@ -157,3 +157,21 @@ def test_language_and_vision_weights_load_from_a_llava_checkpoint(tmp_path):
     assert out["lm_before"] is False and out["lm_untouched"] is False
     assert out["vision"] and out["lm"]
     assert out["error"] and "does not hold the weights" in out["error"]
+
+
+def test_text_only_runs_keep_the_students_image_layout(megatron_world, tmp_path, spm_model_path):
+    """The teacher is trained on the positions regate-precompute-ref scores: every image
+    keeps the student's slot count (masked in the teacher view), not one slot."""
+    from regate_megatron.arguments import parse_args
+    from regate_megatron.train import Run
+
+    write_records(tmp_path / "d.json", mixed_records(str(tmp_path)))
+    argv = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "4",
+            "--seq-length", str(SEQ), "--img-h", "8", "--img-w", "8", "--patch-dim", "4",
+            "--train-iters", "1", "--lr", "1e-3", "--data-path", str(tmp_path / "d.json"),
+            "--tokenizer-model", spm_model_path, "--transformer-impl", "local", "--no-progress"]
+    teacher = Run(parse_args(argv + ["--text-only"])).setup()
+    student_layout = ConversationDataset(str(tmp_path / "d.json"), teacher.tokenizer, seq_length=SEQ,
+                                         num_image_tokens=4, image_size=(8, 8))
+    for i in range(len(student_layout)):
+        assert torch.equal(teacher.train_data[i].tokens, student_layout[i].tokens)
