@@ -18,7 +18,8 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,6 +104,18 @@ def teacher_losses(model, batch, pad_id: int, mode: str) -> List:
     return reference_losses(loss, view, batch)
 
 
+def _prefetched(items: Iterator):
+    """`items`, each produced on a helper thread one step ahead of its consumer."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, items, None)
+        while True:
+            item = pending.result()
+            if item is None:
+                return
+            pending = pool.submit(next, items, None)
+            yield item
+
+
 def build_store(args: argparse.Namespace) -> dict:
     """Build (or finish) the store; returns rank 0's numbers: teacher tokens and seconds of
     the build loop (batching, teacher view, forward, shard writes, final merge)."""
@@ -135,22 +148,30 @@ def build_store(args: argparse.Namespace) -> dict:
 
         bar = tqdm(total=todo, desc=f"reference losses (rank 0 of {world})", unit="sample",
                    dynamic_ncols=True)
+    def batches():  # (shard, batch ids, batch); shard ends are marked by ids=None
+        for shard in shards:
+            present = [i for i in shard if i in kept]
+            for j in range(0, len(present), args.micro_batch_size):
+                ids = present[j:j + args.micro_batch_size]
+                yield shard, ids, collate([dataset[dataset.index_of(i)] for i in ids],
+                                          seq_length=args.seq_length, pad_id=tokenizer.pad_id)
+            yield shard, None, None
+
     tokens, start = 0, time.perf_counter()
-    for shard in shards:
-        present = [i for i in shard if i in kept]
-        values = {i: [] for i in shard}  # skipped records: no targets
-        for j in range(0, len(present), args.micro_batch_size):
-            ids = present[j:j + args.micro_batch_size]
-            batch = collate([dataset[dataset.index_of(i)] for i in ids], seq_length=args.seq_length,
-                            pad_id=tokenizer.pad_id)
-            for i, losses in zip(ids, teacher_losses(model, batch, tokenizer.pad_id,
-                                                     args.regate_teacher_visual)):
-                values[i] = losses
-            tokens += int((batch.tokens != tokenizer.pad_id).sum())
-            if bar is not None:
-                bar.update(len(ids))
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
-        builder.write_shard(shard, [values[i] for i in shard])
+    values: dict = {}
+    # The next batch is tokenised and collated on a helper thread while the teacher runs
+    # (torch releases the GIL), so batching costs little next to the forward itself.
+    for shard, ids, batch in _prefetched(batches()):
+        if ids is None:  # the shard is complete: write it (skipped records have no targets)
+            builder.write_shard(shard, [values.pop(i, []) for i in shard])
+            continue
+        for i, losses in zip(ids, teacher_losses(model, batch, tokenizer.pad_id,
+                                                 args.regate_teacher_visual)):
+            values[i] = losses
+        tokens += int((batch.tokens != tokenizer.pad_id).sum())
+        if bar is not None:
+            bar.update(len(ids))
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
     if bar is not None:
         bar.close()
     dist.barrier()  # sync point: every rank's shards are written
