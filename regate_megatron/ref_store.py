@@ -102,6 +102,12 @@ def _write_json(path: str, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _first_count_mismatch(counts: np.ndarray, expected: np.ndarray):
+    """(first differing sample id, how many differ) of two per-sample loss counts, or None."""
+    differ = np.flatnonzero(counts != expected)
+    return (int(differ[0]), int(differ.size)) if differ.size else None
+
+
 def _is_store(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "meta.json"))
 
@@ -224,13 +230,13 @@ class RefLossStore:
         if dataset is not None:
             expected = np.asarray(dataset.target_counts(), dtype=np.int64)
             stored = np.diff(np.asarray(offsets))
-            differ = np.flatnonzero(stored != expected)
-            if differ.size:
-                first = int(differ[0])
+            mismatch = _first_count_mismatch(stored, expected)
+            if mismatch:
+                first, n = mismatch
                 raise ValueError(
                     f"per-sample target count mismatch: sample {first} has {int(stored[first])} "
                     f"reference losses in {path} but {int(expected[first])} target tokens in the "
-                    f"dataset ({differ.size} sample(s) differ); {rebuild}"
+                    f"dataset ({n} sample(s) differ); {rebuild}"
                 )
         return store
 
@@ -406,11 +412,11 @@ class StoreBuilder:
         self.finished = True
 
     def _check_counts(self, counts: np.ndarray, expected: np.ndarray) -> None:
-        differ = np.flatnonzero(counts != expected)
-        if differ.size:
-            first = int(differ[0])
+        mismatch = _first_count_mismatch(counts, expected)
+        if mismatch:
+            first, n = mismatch
             raise ValueError(
                 f"finalize: sample {first} has {int(counts[first])} reference losses but "
-                f"{int(expected[first])} target tokens ({differ.size} sample(s) differ); the "
+                f"{int(expected[first])} target tokens ({n} sample(s) differ); the "
                 f"shards do not match the dataset: remove {self.out_dir} and rebuild"
             )

@@ -282,14 +282,14 @@ class Run:
         args = self.args
         contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         stats = torch.zeros(6, dtype=torch.float64)
+        span = args.regate.layer_span(args.num_layers)
+        routed = span[1] - span[0]
         if contributes:
             for (batch, loss, computed), selection in zip(records, selections):
                 targets = float(batch.loss_mask.sum())
                 kept = targets if selection is None else float(
                     (batch.loss_mask.bool() & selection.target_mask & selection.keep_mask()).sum())
                 seq_tokens = batch.tokens.numel()
-                span = args.regate.layer_span(args.num_layers)
-                routed = span[1] - span[0]
                 kept_tokens = seq_tokens if selection is None else float((selection.keep_index >= 0).sum())
                 stats += torch.tensor([
                     float((loss * computed).sum()), float(computed.sum()), targets, kept,
