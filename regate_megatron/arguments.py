@@ -19,6 +19,9 @@ from typing import List, Optional
 import torch
 
 from regate_megatron.config import ReGateConfig, add_regate_args
+from regate_megatron.megatron_lm_flags import add_megatron_lm_flags, apply_megatron_lm_flags
+from regate_megatron.parallel import launch_env
+from regate_megatron.preemption import add_exit_args
 
 __all__ = [
     "build_parser",
@@ -154,6 +157,8 @@ def build_parser(prog: str = "regate-train", description: Optional[str] = None) 
     _add_data_args(parser)
     _add_training_args(parser)
     add_regate_args(parser)
+    add_exit_args(parser)
+    add_megatron_lm_flags(parser)  # last: the launch-script flags regate-train lacks
     return parser
 
 
@@ -187,12 +192,15 @@ def fill_model_defaults(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Everything checkable before start-up; each error names the flag and the fix."""
+    apply_megatron_lm_flags(args, num_image_tokens=(args.img_h // args.patch_dim) *
+                            (args.img_w // args.patch_dim))
     _need(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
           "lr", "data_path", "tokenizer_model")
     fill_model_defaults(args)
     args.regate = ReGateConfig.from_args(args)
     args.regate.layer_span(args.num_layers)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = launch_env()  # torchrun's WORLD_SIZE or srun's SLURM_NTASKS
+    world = launch.world_size if launch.launcher != "single" else int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise SystemExit(
@@ -242,7 +250,8 @@ def validate_args(args: argparse.Namespace) -> None:
         path = getattr(args, path_flag)
         if path is not None and not os.path.exists(path):
             raise SystemExit(f"regate-train: --{path_flag.replace('_', '-')} {path} does not exist")
-    if args.load is not None and not os.path.isdir(args.load):
+    # --load = --save (Megatron-LM's resume-in-place): the first run finds nothing to load.
+    if args.load is not None and args.load != args.save and not os.path.isdir(args.load):
         raise SystemExit(f"regate-train: --load {args.load} is not a directory")
 
 

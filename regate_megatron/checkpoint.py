@@ -36,6 +36,7 @@ __all__ = [
     "TRACKER",
     "iteration_dir",
     "latest_iteration",
+    "has_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "load_module_weights",
@@ -59,6 +60,12 @@ def latest_iteration(root: str) -> Optional[int]:
         return int(text)
     except ValueError:
         raise ValueError(f"{path} should hold an iteration number, found {text!r}") from None
+
+
+def has_checkpoint(root: str) -> bool:
+    """Whether `root` is, or holds, a finished checkpoint (False for a missing directory)."""
+    return os.path.exists(os.path.join(root, "metadata.json")) or (
+        os.path.isdir(root) and latest_iteration(root) is not None)
 
 
 def _checkpoint_dir(root: str) -> str:

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Dict, Optional
@@ -175,6 +176,12 @@ def run_tool(prog: str, body: Callable[[], Any]) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except Exception:  # any other failure names the rank, so a multi-node job log says who died
+        launch = launch_env()
+        print(f"{prog}: rank {launch.rank} of {launch.world_size} (local rank {launch.local_rank} "
+              f"on {socket.gethostname()}) failed:", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return 1
     finally:
         if dist.is_initialized():
             destroy_parallel()

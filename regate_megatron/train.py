@@ -31,6 +31,7 @@ from regate_megatron.arguments import model_args_dict, optimizer_config, parse_a
 from regate_megatron.data import ConversationDataset, collate
 from regate_megatron.mllm import build_model, llava_inputs, num_image_tokens
 from regate_megatron.parallel import initialize_parallel, run_tool
+from regate_megatron.preemption import EarlyStop
 from regate_megatron.sampler import global_batch_positions, local_microbatch_positions
 from regate_megatron.selection import TokenSelection, broadcast_selections
 from regate_megatron.teacher import teacher_inputs
@@ -98,7 +99,9 @@ class Run:
             check_distrib_optim_sharding(args.distrib_optim_sharding_type)
 
         initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                            seed=args.seed)
+                            seed=args.seed,
+                            timeout_s=60.0 * (getattr(args, "distributed_timeout_minutes", None)
+                                              or 10))  # Megatron-LM's default: 10 min
         torch.manual_seed(args.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         module = build_model(args, self.vocab_size, regate_config=args.regate)
@@ -155,8 +158,11 @@ class Run:
         )
 
     def _resume(self) -> None:
-        from regate_megatron.checkpoint import load_checkpoint
+        from regate_megatron.checkpoint import has_checkpoint, load_checkpoint
 
+        if self.args.load == self.args.save and not has_checkpoint(self.args.load):
+            log0(f"no checkpoint in {self.args.load} yet: starting from scratch")  # first run
+            return
         common = load_checkpoint(self.args.load, self.model, self.optimizer, self.scheduler,
                                  self.scorer, sharding_type=self.args.distrib_optim_sharding_type)
         self.iteration = int(common["iteration"])
@@ -327,6 +333,7 @@ def train(args: argparse.Namespace) -> Run:
     from regate_megatron.evaluation import evaluate
     from regate_megatron.metrics import MetricsLogger
 
+    stop = EarlyStop(args)  # --exit-signal-handler, --exit-duration-in-mins, --exit-interval
     run = Run(args).setup()
     logger = MetricsLogger(args, start=run.iteration)
     while run.iteration < args.train_iters:
@@ -337,8 +344,11 @@ def train(args: argparse.Namespace) -> Run:
         logger.log(metrics)                                                # log
         if args.save and args.save_interval and run.iteration % args.save_interval == 0:
             run.save()                                                     # checkpoint
+        if stop.requested(run.iteration):                                  # stop (all ranks)
+            break
     if args.save and not (args.save_interval and run.iteration % args.save_interval == 0):
         run.save()
+    stop.finish(run.iteration)  # the marker the batch script reads to requeue
     logger.close()
     return run
 
