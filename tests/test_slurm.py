@@ -31,7 +31,7 @@ from fixtures_data import mixed_records, synthetic_corpus, write_records
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 8  # examples/tiny.sh
 TP2 = ["--tensor-model-parallel-size", "2"]
-PP2 = ["--pipeline-model-parallel-size", "2"]
+PP2 = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]
 STEP_KEYS = ("lm_loss", "keep_ratio", "target_tokens", "kept_target_tokens", "layer_tokens",
              "grad_norm")
 
