@@ -200,7 +200,8 @@ def validate_args(args: argparse.Namespace) -> None:
     args.regate = ReGateConfig.from_args(args)
     args.regate.layer_span(args.num_layers)
     launch = launch_env()  # torchrun's WORLD_SIZE or srun's SLURM_NTASKS
-    world = launch.world_size if launch.launcher != "single" else int(os.environ.get("WORLD_SIZE", "1"))
+    world = (launch.world_size if launch.launcher != "single"
+             else int(os.environ.get("WORLD_SIZE", "1")))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise SystemExit(

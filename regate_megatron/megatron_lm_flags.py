@@ -116,7 +116,8 @@ FLAGS: Dict[str, Flag] = {
     # ---- parallelism, memory
     "--tensor-model-parallel-size": Flag(HONOURED, "TP"),
     "--pipeline-model-parallel-size": Flag(HONOURED, "PP"),
-    "--use-distributed-optimizer": Flag(HONOURED, "distributed optimizer (reshardable checkpoints)"),
+    "--use-distributed-optimizer": Flag(HONOURED, "distributed optimizer (reshardable "
+                                        "checkpoints)"),
     "--distributed-timeout-minutes": Flag(HONOURED, "collective timeout of the process group", _V),
     "--recompute-granularity": Flag(REFUSED, "activation recomputation is not implemented with "
                                     "token routing", _V),
@@ -264,6 +265,11 @@ def apply_megatron_lm_flags(args: argparse.Namespace, num_image_tokens: Optional
                 ok = False
             if not ok:
                 _fail(flag, f"{value!r} is not supported: {spec.reason}")
+    if "--distributed-timeout-minutes" in given:
+        try:
+            args.distributed_timeout_minutes = float(given["--distributed-timeout-minutes"])
+        except ValueError:
+            _fail("--distributed-timeout-minutes", "expects a number of minutes")
     if "--use-te" in given:
         args.transformer_impl = "transformer_engine"
     if "--disable-bias-linear" in given and not args.swiglu:
@@ -276,7 +282,8 @@ def apply_megatron_lm_flags(args: argparse.Namespace, num_image_tokens: Optional
             _fail("--seq-length", f"with --decoder-seq-length it is the vision encoder's sequence "
                   f"length, which must be the image tokens (img-h/patch-dim x img-w/patch-dim = "
                   f"{num_image_tokens}), got {encoder}")
-    if "--dataloader-seq-length" in given and int(given["--dataloader-seq-length"]) != args.seq_length:
+    loader_length = given.get("--dataloader-seq-length")
+    if loader_length is not None and int(loader_length) != args.seq_length:
         _fail("--dataloader-seq-length", f"must equal the language model's sequence length "
               f"{args.seq_length} (records are padded / truncated to it)")
     if "--train-samples" in given:
@@ -317,7 +324,8 @@ def markdown_table() -> str:
         f"(`docs/megatron_lm_multimodal_flags.txt`), plus its exit flags.",
         "",
         f"{len(FLAGS)} flags: {counts[HONOURED]} honoured, {counts[NOOP]} accepted as no-ops "
-        f"(a note is printed), {counts[REFUSED]} refused (an error naming the flag and the reason).",
+        f"(a note is printed), {counts[REFUSED]} refused (an error naming the flag and the "
+        f"reason).",
         "",
         "| flag | status | what regate-train does |",
         "|---|---|---|",

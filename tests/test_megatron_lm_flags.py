@@ -80,7 +80,7 @@ def test_honoured_mappings(base):
     assert (args.train_iters, args.lr_decay_iters, args.lr_warmup_iters) == (200, 100, 25)
     assert args.language_model_checkpoint == args.vision_model_checkpoint == "ckpt"
     assert args.transformer_impl == "transformer_engine"
-    assert args.distributed_timeout_minutes == "3"
+    assert args.distributed_timeout_minutes == 3.0
     args = parse_args(base + ["--lr-warmup-samples", "40"])
     assert args.lr_warmup_iters == 10
 

@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import pytest
-
 from fixtures_data import mixed_records, synthetic_corpus, write_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +133,7 @@ def metrics(path):
 
 def assert_same_steps(got, want, exact=True):
     assert [m["step"] for m in got] == [m["step"] for m in want]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         for key in STEP_KEYS:
             if exact:
                 assert a[key] == b[key], (key, a, b)
@@ -228,7 +227,8 @@ def test_usr1_requeue_resumes_like_uninterrupted(cluster, ws, tp2_job):
     assert "requeueing job" in log and "(restart 1)" in log
     assert f"resumed from {ws / 'requeue'} at iteration {stopped.group(1)}" in log
     # The resumed run is the uninterrupted one: per-step metrics and final weights.
-    assert_same_steps(metrics(ws / "requeue" / "metrics.jsonl"), metrics(ws / "tp2" / "metrics.jsonl"))
+    assert_same_steps(metrics(ws / "requeue" / "metrics.jsonl"),
+                      metrics(ws / "tp2" / "metrics.jsonl"))
     want, got = _final_weights(ws, "tp2"), _final_weights(ws, "requeue")
     assert want.keys() == got.keys() and len(want) > 10
     for name in want:
