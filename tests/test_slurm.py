@@ -31,8 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 8  # examples/tiny.sh
 TP2 = ["--tensor-model-parallel-size", "2"]
 PP2 = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]
-STEP_KEYS = ("lm_loss", "keep_ratio", "target_tokens", "kept_target_tokens", "layer_tokens",
-             "grad_norm")
+STEP_KEYS = ("lm_loss", "keep_ratio", "target_tokens", "kept_target_tokens", "layer_tokens")
 
 
 def _free_port_base() -> int:
@@ -131,14 +130,14 @@ def metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def assert_same_steps(got, want, exact=True):
+def assert_same_steps(got, want):
+    """Equal per-step losses, keep ratios and token counts; the gradient norm to 1e-6 (gloo's
+    reduction order over the model-parallel group may differ in the last bits)."""
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want, strict=True):
         for key in STEP_KEYS:
-            if exact:
-                assert a[key] == b[key], (key, a, b)
-            else:
-                assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
+            assert a[key] == b[key], (key, a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), (a, b)
 
 
 @pytest.fixture(scope="module")
