@@ -3,6 +3,8 @@
 Megatron-LM's `examples/multimodal` training scripts (tag ``core_v0.16.1``, the
 Megatron-Core this package pins; the flag set is stored in
 ``docs/megatron_lm_multimodal_flags.txt``) pass flags that `regate-train` may not define.
+Tags core_v0.17.0 to core_v0.19.0 add one flag to those scripts
+(``--no-use-tokenizer-model-from-checkpoint-args``), which the table covers too.
 Every one of them is in `FLAGS` with a status:
 
     honoured   it means what it means in Megatron-LM: a `regate-train` flag of the same
@@ -138,7 +140,7 @@ FLAGS: Dict[str, Flag] = {
     "--lr-decay-iters": Flag(HONOURED, "decay length in steps"),
     "--lr-decay-samples": Flag(HONOURED, "becomes --lr-decay-iters = samples / global batch", _V),
     "--lr-warmup-fraction": Flag(HONOURED, "warmup steps = fraction x decay steps (as "
-                                 "Megatron-LM)", _V),
+                                 "Megatron-LM), rounded down to whole steps", _V),
     "--lr-warmup-samples": Flag(HONOURED, "becomes --lr-warmup-iters = samples / global batch", _V),
     "--clip-grad": Flag(HONOURED, "gradient-norm clipping"),
     "--weight-decay": Flag(HONOURED, "weight decay"),
@@ -157,7 +159,8 @@ FLAGS: Dict[str, Flag] = {
     "--data-path": Flag(HONOURED, "training data: LLaVA-format JSON/JSONL records (not an "
                         "Energon dataset YAML)"),
     "--tokenizer-type": Flag(HONOURED, "SentencePieceTokenizer only (MultimodalTokenizer and HF "
-                             "tokenizers are refused by the flag's choices)"),
+                             "tokenizers are refused by the flag's choices)", _N,
+                             ("SentencePieceTokenizer",)),
     "--tokenizer-model": Flag(HONOURED, "SentencePiece model file"),
     "--tokenizer-prompt-format": Flag(REFUSED, "the prompt format is LLaVA's USER:/ASSISTANT: "
                                       "turns, built into the data pipeline", _V),
@@ -189,6 +192,10 @@ FLAGS: Dict[str, Flag] = {
                                     "--vision-model-checkpoint); a checkpoint in --load wins", _V),
     "--allow-missing-vision-projection-checkpoint": Flag(HONOURED, "the projector always starts "
                                                          "from initialisation", _S),
+    "--no-use-tokenizer-model-from-checkpoint-args": Flag(NOOP, "the tokenizer is always "
+                                                          "--tokenizer-model (added to "
+                                                          "pretrain_mistral_clip.sh in "
+                                                          "core_v0.17.0)", _S),
     "--use-checkpoint-args": Flag(REFUSED, "regate-train builds the model from its flags; pass the "
                                   "architecture explicitly", _S),
     "--dataloader-save": Flag(NOOP, "the data position is part of every checkpoint (iteration x "
@@ -321,7 +328,8 @@ def markdown_table() -> str:
         f"Generated from `regate_megatron/megatron_lm_flags.py` (`markdown_table()`); "
         f"`tests/test_megatron_lm_flags.py` keeps it equal. The flags are those of Megatron-LM's "
         f"`examples/multimodal` training scripts at tag `{PINNED_TAG}` "
-        f"(`docs/megatron_lm_multimodal_flags.txt`), plus its exit flags.",
+        f"(`docs/megatron_lm_multimodal_flags.txt`), the one flag tags core_v0.17.0 to "
+        f"core_v0.19.0 add to them, and Megatron-LM's exit flags.",
         "",
         f"{len(FLAGS)} flags: {counts[HONOURED]} honoured, {counts[NOOP]} accepted as no-ops "
         f"(a note is printed), {counts[REFUSED]} refused (an error naming the flag and the "

@@ -22,6 +22,8 @@ def test_every_pinned_script_flag_has_a_status():
     flags = script_flags()
     assert len(flags) == 100 and "--decoder-seq-length" in flags
     assert sorted(set(flags) - set(FLAGS)) == []
+    # the same scripts at core_v0.17.0 ... core_v0.19.0 add exactly this one
+    assert "--no-use-tokenizer-model-from-checkpoint-args" in FLAGS
 
 
 def test_docs_table_is_generated_from_the_code():
