@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sourced by slurm/*.sh, which read the arrays
 # examples/llava15_7b.sh: LLaVA-1.5-7B visual instruction tuning (stage 2) with ReGATE.
 #   language model  Vicuna-7B v1.5 (LLaMA-2-7B): 32 layers, hidden 4096, 32 heads, MLP 11008,
 #                   RMSNorm, SwiGLU, RoPE, no biases, untied output layer

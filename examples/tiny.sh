@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sourced by slurm/*.sh, which read the arrays
 # examples/tiny.sh: a tiny LLaVA (2-layer LM, hidden 16; 8x8 images -> 4 image tokens) that
 # trains in seconds on CPUs: the config the SLURM tests run. ReGATE at the paper's
 # defaults (lambda 0.5, cyclic schedule), with a short cycle so a few steps show it.

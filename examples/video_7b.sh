@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sourced by slurm/*.sh, which read the arrays
 # examples/video_7b.sh: video instruction tuning (Video-LLaVA style) of a 7B LLaVA with ReGATE.
 #   a video is its frames: each record lists 8 frames under "image" and has one <image>
 #   placeholder per frame in its first turn, e.g.

@@ -24,6 +24,7 @@ set -euo pipefail
 
 CONFIG=${1:?usage: sbatch [--nodes=N] slurm/precompute_ref.sh examples/<config>.sh [regate-precompute-ref flags...]}
 shift
+: "${SLURM_JOB_ID:?submit this script with sbatch (it runs srun inside the allocation)}"
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 if [[ ! -f $CONFIG ]]; then
     echo "precompute_ref.sh: config $CONFIG not found (relative to $PWD)" >&2
@@ -49,6 +50,7 @@ node_addr=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/
 export MASTER_ADDR=${MASTER_ADDR:-${node_addr:-$first_node}}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 
+# shellcheck disable=SC2034  # the groups a config may define; precompute reads two
 MODEL_ARGS=() TRAINING_ARGS=() MODEL_PARALLEL_ARGS=() DATA_ARGS=() EVAL_AND_LOGGING_ARGS=()
 REGATE_ARGS=()
 # shellcheck source=/dev/null

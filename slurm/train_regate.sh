@@ -29,6 +29,7 @@ set -euo pipefail
 
 CONFIG=${1:?usage: sbatch [--nodes=N] slurm/train_regate.sh examples/<config>.sh [regate-train flags...]}
 shift
+: "${SLURM_JOB_ID:?submit this script with sbatch (it runs srun inside the allocation)}"
 # sbatch runs a copy of this script from its spool directory: paths are relative to where
 # the job was submitted.
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
@@ -115,6 +116,7 @@ echo "[train_regate.sh] command: $(printf '%q ' "${CMD[@]}")"
 srun --kill-on-bad-exit=1 --label "${CMD[@]}" &
 SRUN_PID=$!
 SIGNALLED=0
+# shellcheck disable=SC2317  # called from the traps
 forward() {
     SIGNALLED=1
     echo "[train_regate.sh] got SIG$1: forwarding it to the ranks (they save and exit)"

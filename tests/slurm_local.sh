@@ -1,25 +1,27 @@
 #!/bin/bash
 # slurm-local.sh up|down : munged + slurmctld + 2 slurmd (n1,n2) on 127.0.0.1; no cgroups, no slurmdbd.
+# Written from the recipe in the team notes (SLURM_LOCAL.md); tests/test_slurm.py brings it up and down
+# with SLURMLAB (a world-executable directory) and SLURMLAB_PORT (three free ports) of its own.
 set -euo pipefail
 B=${SLURMLAB:-/tmp/slurmlab}; P=${SLURMLAB_PORT:-16817}   # ctld port P, slurmd n1 P+1, n2 P+2
 export SLURM_CONF=$B/etc/slurm.conf
 alive() { local s; s=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $s != Z* ]]; }   # zombie == dead
-pids() { cat $B/run/slurmd-n1.pid $B/run/slurmd-n2.pid $B/run/slurmctld.pid $B/munge/munged.pid 2>/dev/null || true; }
+pids() { cat "$B"/run/slurmd-n1.pid "$B"/run/slurmd-n2.pid "$B"/run/slurmctld.pid "$B"/munge/munged.pid 2>/dev/null || true; }
 down() {
-  if [ -f $B/run/slurmctld.pid ] && alive "$(cat $B/run/slurmctld.pid)"; then
+  if [ -f "$B"/run/slurmctld.pid ] && alive "$(cat "$B"/run/slurmctld.pid)"; then
     scancel --user=root 2>/dev/null || true        # cancel jobs first so no slurmstepd is left behind
     for _ in $(seq 40); do [ -z "$(squeue -h -t R,CG 2>/dev/null)" ] && break; sleep 0.25; done
   fi
-  for p in $(pids); do alive $p && kill $p; done
-  for _ in $(seq 40); do live=; for p in $(pids); do alive $p && live=1; done; [ -z "$live" ] && break; sleep 0.25; done
-  for p in $(pids); do alive $p && kill -9 $p; done; rm -f $B/run/*.pid $B/munge/munged.pid
+  for p in $(pids); do alive "$p" && kill "$p"; done
+  for _ in $(seq 40); do live=; for p in $(pids); do alive "$p" && live=1; done; [ -z "$live" ] && break; sleep 0.25; done
+  for p in $(pids); do alive "$p" && kill -9 "$p"; done; rm -f "$B"/run/*.pid "$B"/munge/munged.pid
 }
 up() {
   down
-  rm -rf $B/{etc,state,spool,log,run,munge}; mkdir -p $B/{etc,state,spool/n1,spool/n2,log,run,munge}
-  chmod 755 $B/munge; mungekey --create --keyfile=$B/munge/munge.key   # socket dir a+x; key root 0600
-  { cat /etc/hosts; echo "127.0.0.1 n1 n2"; } > $B/etc/hosts
-  cat > $SLURM_CONF <<EOF
+  rm -rf "${B:?}"/{etc,state,spool,log,run,munge}; mkdir -p "$B"/{etc,state,spool/n1,spool/n2,log,run,munge}
+  chmod 755 "$B"/munge; mungekey --create --keyfile="$B"/munge/munge.key   # socket dir a+x; key root 0600
+  { cat /etc/hosts; echo "127.0.0.1 n1 n2"; } > "$B"/etc/hosts
+  cat > "$SLURM_CONF" <<EOF
 ClusterName=lab
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$P
