@@ -42,3 +42,19 @@ def test_bad_values_are_named():
         launch_env({k: v for k, v in SRUN.items() if k != "SLURM_LOCALID"})
     with pytest.raises(ValueError, match="RANK='x'"):
         launch_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_a_failing_rank_names_itself(monkeypatch, capsys):
+    """An uncaught error in a tool becomes exit status 1 and a line naming the rank, so a
+    multi-node job's log says which rank died (srun --label adds the rank to every line too)."""
+    from regate_megatron.parallel import run_tool
+
+    for name, value in SRUN.items():
+        monkeypatch.setenv(name, value)
+
+    def body():
+        raise RuntimeError("out of memory")
+
+    assert run_tool("regate-train", body) == 1
+    err = capsys.readouterr().err
+    assert "regate-train: rank 3 of 4 (local rank 1 on " in err and "out of memory" in err
