@@ -114,8 +114,9 @@ class EarlyStop:
     def finish(self, iteration: int) -> None:
         """After the final checkpoint: leave the marker (rank 0) if the run stopped early."""
         save = getattr(self.args, "save", None)
-        if self.reason is None or not save:
-            return
+        train_iters = getattr(self.args, "train_iters", None)
+        if self.reason is None or not save or (train_iters and iteration >= train_iters):
+            return  # ran to the end (a stop requested after the last step changes nothing)
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         marker = dict(reason=self.reason, signal=self.received, iteration=iteration)
