@@ -10,7 +10,9 @@ Megatron-LM's flags, with its meanings:
 A signal handler only sets a flag: Python runs handlers between bytecodes, so a rank
 inside a collective reacts late, and signals reach ranks at different times. At each
 step boundary every rank contributes its flag to one all-reduce (MAX) over the world,
-so all ranks stop after the same step and save one consistent checkpoint.
+so all ranks stop after the same step and save one consistent checkpoint. (Each rank
+contributes the number of the signal it caught; where ranks caught different ones the
+higher number wins, so SIGTERM (15), a cancellation, overrides SIGUSR1 (10), a requeue.)
 
 The exit status is 0 on every rank, because srun's ``--kill-on-bad-exit`` turns a
 non-zero exit of one rank into a kill of the others mid-save. What stopped the run is
@@ -99,7 +101,9 @@ class EarlyStop:
         elif duration is not None and (time.monotonic() - self.start) / 60.0 > duration:
             code = 1
         if self.signals or duration is not None:
-            flag = torch.tensor([code], dtype=torch.int32)
+            from regate_megatron.parallel import rank_device
+
+            flag = torch.tensor([code], dtype=torch.int32, device=rank_device())  # NCCL: on GPU
             if dist.is_initialized():
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # sync point: all ranks agree
             code = int(flag.item())
