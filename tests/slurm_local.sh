@@ -1,7 +1,8 @@
 #!/bin/bash
 # slurm-local.sh up|down : munged + slurmctld + 2 slurmd (n1,n2) on 127.0.0.1; no cgroups, no slurmdbd.
 # Written from the recipe in the team notes (SLURM_LOCAL.md); tests/test_slurm.py brings it up and down
-# with SLURMLAB (a world-executable directory) and SLURMLAB_PORT (three free ports) of its own.
+# with SLURMLAB (a world-executable directory), SLURMLAB_PORT (three free ports) and
+# SLURMLAB_FIRST_JOB_ID (job ids, hence the jobs' MASTER_PORTs, differ between test sessions).
 set -euo pipefail
 B=${SLURMLAB:-/tmp/slurmlab}; P=${SLURMLAB_PORT:-16817}   # ctld port P, slurmd n1 P+1, n2 P+2
 export SLURM_CONF=$B/etc/slurm.conf
@@ -23,6 +24,7 @@ up() {
   { cat /etc/hosts; echo "127.0.0.1 n1 n2"; } > "$B"/etc/hosts
   cat > "$SLURM_CONF" <<EOF
 ClusterName=lab
+FirstJobId=${SLURMLAB_FIRST_JOB_ID:-1}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$P
 SlurmUser=root

@@ -14,6 +14,7 @@ examples/tiny.sh and ReGATE on, 2 nodes x 2 tasks:
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -62,7 +63,9 @@ def cluster():
     # and a socket path is limited to ~100 characters: a short directory of its own.
     lab = pathlib.Path(tempfile.mkdtemp(prefix="regate-slurm-"))
     lab.chmod(0o755)
-    env = dict(os.environ, SLURMLAB=str(lab), SLURMLAB_PORT=str(_free_port_base()))
+    # Jobs derive MASTER_PORT from the job id: ids of their own keep two sessions apart.
+    env = dict(os.environ, SLURMLAB=str(lab), SLURMLAB_PORT=str(_free_port_base()),
+               SLURMLAB_FIRST_JOB_ID=str(random.randrange(1000, 19000)))
     script = os.path.join(REPO, "tests", "slurm_local.sh")
     subprocess.run(["bash", script, "up"], env=env, check=True, timeout=120)
     env["SLURM_CONF"] = str(lab / "etc" / "slurm.conf")
