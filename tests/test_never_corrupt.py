@@ -1,0 +1,171 @@
+"""Never corrupt a run (issue 9), as users run `regate-train`.
+
+- a NaN/inf loss or gradient stops every rank at that step, named; nothing non-finite is
+  saved or pointed at; the metrics file stays strict JSON;
+- a resume honours or refuses changed flags (the resume rule in README "Resuming");
+- the global batch and the data position survive a change of data-parallel size;
+- a killed trainer leaves no checkpoint-writer process behind; stale iter_*.tmp are removed;
+- bad inputs fail before step 1 with one line naming the input and the fix.
+
+One module-scoped workspace: tokenizer, records, and a reference-loss store written
+directly (synthetic teacher losses; the store's checks are the real ones). Input errors
+that arise before any process group exists run `regate_megatron.train.main` in-process
+(its exit status and stderr are what the command line gives); everything else is a
+subprocess (torchrun on gloo for several ranks).
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fixtures_data import mixed_records, synthetic_corpus, write_records
+from test_cli import SEQ, _free_port, _run, metrics
+
+# test_cli's tiny LLaVA, without --global-batch-size (it comes from micro x DP or the checkpoint)
+TINY = [
+    "--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "4",
+    "--seq-length", str(SEQ), "--img-h", "8", "--img-w", "8", "--patch-dim", "4",
+    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--lr", "3e-3",
+    "--lr-decay-style", "constant", "--no-progress", "--log-interval", "1", "--seed", "7",
+    "--make-vocab-size-divisible-by", "64",
+]
+REGATE = ["--regate", "--regate-ref-store", "store", "--regate-keep-ratio", "0.4",
+          "--regate-cycle-steps", "3", "--regate-dense-steps", "1"]
+
+
+def train(ws, *flags, nproc=1, expect_ok=True):
+    return _run(["regate_megatron.train", *TINY, "--data-path", "train.json", "--tokenizer-model",
+                 "tok.model", *flags], ws, nproc, expect_ok)
+
+
+def train_in_process(ws, monkeypatch, capsys, *flags):
+    """`regate-train ...` in this process (for errors before any process group): exit status,
+    stderr."""
+    from regate_megatron.train import main
+
+    monkeypatch.chdir(ws)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        code = main([*TINY, "--data-path", "train.json", "--tokenizer-model", "tok.model",
+                     *flags])
+    except SystemExit as exit_:  # flag validation (argparse-style)
+        code = exit_.code if isinstance(exit_.code, int) else 1
+        if not isinstance(exit_.code, int):
+            print(exit_.code, file=sys.stderr)
+    return code, capsys.readouterr().err
+
+
+def one_error_line(stderr: str) -> str:
+    """The error of a failed run: one line, no traceback from the trainer's code (torchrun's
+    own report of a failed child is the launcher's)."""
+    frames = [line for line in stderr.splitlines() if line.lstrip().startswith('File "')]
+    assert not [f for f in frames if "torch/distributed/run.py" not in f
+                and "torch/distributed/elastic" not in f and "<frozen runpy>" not in f], \
+        stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "error" in line or "regate-train:" in line]
+    assert lines, stderr[-3000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from regate_megatron.data import ConversationDataset
+    from regate_megatron.ref_store import write_store
+    from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("never_corrupt")
+    train_sentencepiece(synthetic_corpus(), str(root / "tok"), vocab_size=128)
+    records = mixed_records(str(root))
+    write_records(root / "train.json", records * 6)
+    tok = SentencePieceTokenizer(str(root / "tok.model"))
+    data = ConversationDataset(str(root / "train.json"), tok, seq_length=SEQ, num_image_tokens=4,
+                               image_size=(8, 8))
+    rng = np.random.default_rng(0)
+    write_store(str(root / "store"),
+                [rng.uniform(0.5, 4.0, int(n)) for n in data.target_counts()],
+                dict(teacher="synthetic", tokenizer_sha256=tok.sha256,
+                     dataset_fingerprint=data.fingerprint, teacher_visual="pad"))
+    return root
+
+
+# ----------------------------------------------------------------------------- 1. NaN guard
+def _assert_nothing_non_finite_saved(ckpt):
+    """Every saved checkpoint holds finite tensors only; returns the pointer's iteration."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from regate_megatron.checkpoint import iteration_dir, latest_iteration
+
+    latest = latest_iteration(str(ckpt))
+    for name in sorted(os.listdir(ckpt)):
+        if not name.startswith("iter_"):
+            continue
+        assert not name.endswith(".tmp"), name
+        path = iteration_dir(str(ckpt), int(name[5:]))
+        meta = FileSystemReader(path).read_metadata()
+        state = {k: torch.empty(v.size, dtype=v.properties.dtype)
+                 for k, v in meta.state_dict_metadata.items()
+                 if isinstance(v, TensorStorageMetadata) and v.properties.dtype.is_floating_point
+                 and "regate" not in k}  # the EMA table is NaN where never observed, by design
+        load(state, checkpoint_id=path, no_dist=True)
+        for key, tensor in state.items():
+            assert torch.isfinite(tensor).all(), (name, key)
+    return latest
+
+
+def _strict_rows(path):
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in {path}")
+
+    with open(path) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f if line.strip()]
+
+
+def test_nan_stops_the_run_at_its_step_dense_and_regate(ws):
+    """--lr 1e6 diverges: the run stops at the first non-finite step, naming step, loss, lr
+    and samples; no checkpoint after it, the pointer on the last finite one; strict JSON."""
+    proc = train(ws, "--micro-batch-size", "2", "--train-iters", "8", "--lr", "1e6",
+                 "--save", "nan_dense", "--save-interval", "1", "--metrics-jsonl",
+                 "nan_dense.jsonl", expect_ok=False)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    rows = _strict_rows(ws / "nan_dense.jsonl")
+    step = len(rows) + 1
+    assert f"step {step}:" in line and "lr 1e+06" in line and "samples [" in line, line
+    assert "loss nan" in line or "loss inf" in line or "non-finite gradients" in line, line
+    assert all(math.isfinite(r["lm_loss"]) for r in rows)
+    assert _assert_nothing_non_finite_saved(ws / "nan_dense") == len(rows)
+    assert not (ws / "nan_dense" / f"iter_{step:07d}").exists()
+
+    # with ReGATE under PP2 (the loss lives on the last stage only): every rank stops at the
+    # step, before the EMA update and before any checkpoint of the diverged weights
+    proc = train(ws, *REGATE, "--micro-batch-size", "2", "--global-batch-size", "4",
+                 "--pipeline-model-parallel-size", "2", "--train-iters", "8", "--lr", "1e6",
+                 "--save", "nan_regate", "--save-interval", "1", "--metrics-jsonl",
+                 "nan_regate.jsonl", nproc=2, expect_ok=False)
+    assert proc.returncode != 0
+    line = one_error_line(proc.stderr)
+    rows = _strict_rows(ws / "nan_regate.jsonl")
+    assert f"step {len(rows) + 1}:" in line and "lr 1e+06" in line, line
+    assert _assert_nothing_non_finite_saved(ws / "nan_regate") == len(rows)
+    # both ranks reported the same step (no rank hung or went on)
+    assert proc.stderr.count(f"error: step {len(rows) + 1}:") == 2, proc.stderr[-3000:]
+
+
+def test_non_finite_pixels_are_a_data_error(ws, monkeypatch, capsys):
+    np.save(ws / "nan.npy", np.full((6, 6), np.nan, dtype=np.float32))
+    records = mixed_records(str(ws))
+    records[0] = dict(records[0], id="nanimg", image="nan.npy")
+    write_records(ws / "nan_img.json", records)
+    code, err = train_in_process(ws, monkeypatch, capsys, "--train-iters", "1",
+                                 "--data-path", "nan_img.json")
+    assert code == 2 and "nanimg" in err and "nan.npy" in err and "non-finite" in err, err
