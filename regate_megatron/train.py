@@ -201,6 +201,12 @@ class Run:
 
         common = load_checkpoint(self.args.load, self.model, self.optimizer, self.scheduler,
                                  self.scorer, sharding_type=self.args.distrib_optim_sharding_type)
+        # The optimizer's saved param groups carry the old max/min lr (read by the scheduler):
+        # the reconciled flags win (`resume.reconcile`), the step count is the checkpoint's.
+        for group in self.optimizer.param_groups:
+            group.update({k: v for k, v in (("max_lr", self.args.lr),
+                                            ("min_lr", self.args.min_lr)) if k in group})
+        self.scheduler.step(increment=0)
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples",
                                                self.iteration * self.args.global_batch_size))

@@ -169,3 +169,85 @@ def test_non_finite_pixels_are_a_data_error(ws, monkeypatch, capsys):
     code, err = train_in_process(ws, monkeypatch, capsys, "--train-iters", "1",
                                  "--data-path", "nan_img.json")
     assert code == 2 and "nanimg" in err and "nan.npy" in err and "non-finite" in err, err
+
+
+# ------------------------------------------------------------------ 2. the resume rule
+def test_resume_extends_refuses_or_overrides_the_schedule(ws, monkeypatch, capsys):
+    dense = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr-decay-style", "linear"]
+    train(ws, *dense, "--train-iters", "3", "--save", "rr", "--metrics-jsonl", "rr.jsonl")
+    assert [r["lr"] for r in metrics(ws / "rr.jsonl")] == pytest.approx([2e-3, 1e-3, 0.0])
+
+    # a longer --train-iters extends the decay (horizon = --train-iters): steps 4-6 run on the
+    # 6-step schedule, not at lr 0; a torn last metrics line (a kill mid-write) is dropped
+    with open(ws / "rr.jsonl", "a") as f:
+        f.write('{"step": 4, "lm_lo')
+    proc = train(ws, *dense, "--train-iters", "6", "--load", "rr", "--save", "rr",
+                 "--metrics-jsonl", "rr.jsonl")
+    assert "LR decay horizon follows --train-iters: 3 -> 6" in proc.stdout
+    assert "rr.jsonl:4: dropping a torn last line" in proc.stderr
+    rows = _strict_rows(ws / "rr.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in rows[3:]] == pytest.approx([1e-3, 5e-4, 0.0])
+
+    # changed schedule, architecture, seed or global batch: refused before step 1, both values
+    # named in one line (before any process group or tensor)
+    code, err = train_in_process(ws, monkeypatch, capsys, *dense, "--train-iters", "9",
+                                 "--load", "rr", "--lr", "5e-2", "--lr-decay-style", "constant",
+                                 "--hidden-size", "32", "--num-layers", "4", "--seed", "8",
+                                 "--global-batch-size", "2", "--micro-batch-size", "1")
+    line = one_error_line(err)
+    assert code == 2, err
+    for want in ("--lr 0.05 (checkpoint 0.003)", "--lr-decay-style constant (checkpoint linear)",
+                 "--hidden-size 32 (checkpoint 16)", "--num-layers 4 (checkpoint 2)",
+                 "--seed 8 (checkpoint 7)", "--global-batch-size 2 (checkpoint 4)",
+                 "--override-opt_param-scheduler"):
+        assert want in line, (want, line)
+    code, err = train_in_process(ws, monkeypatch, capsys, *dense, "--train-iters", "6",
+                                 "--load", "rr")
+    assert code == 2 and "already at iteration 6" in one_error_line(err), err
+    assert len(metrics(ws / "rr.jsonl")) == 6  # refused runs wrote nothing
+
+    # --override-opt_param-scheduler: the command line's schedule, the checkpoint's step count
+    proc = train(ws, *dense, "--train-iters", "8", "--load", "rr", "--lr", "5e-2",
+                 "--lr-decay-style", "constant", "--override-opt_param-scheduler",
+                 "--metrics-jsonl", "rr.jsonl")
+    rows = _strict_rows(ws / "rr.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["lr"] for r in rows[6:]] == pytest.approx([5e-2, 5e-2])
+
+
+# ------------------------------------------------- 3. global batch and data position vs DP
+def _common_state(ckpt):
+    from regate_megatron.checkpoint import read_common_state
+
+    return read_common_state(str(ckpt))
+
+
+def test_dp_size_changes_keep_global_batch_and_data_position(ws):
+    """Without --global-batch-size the global batch (4) is the checkpoint's at any DP size:
+    DP4 -> DP2 -> DP1 -> DP2 resumes train steps 3-6 like the uninterrupted run (EMA carried)."""
+    train(ws, *REGATE, "--micro-batch-size", "4", "--train-iters", "6", "--metrics-jsonl",
+          "dp_full.jsonl")
+    full = {r["step"]: r for r in metrics(ws / "dp_full.jsonl")}
+    train(ws, *REGATE, "--micro-batch-size", "1", "--train-iters", "2", "--save", "dp4", nproc=4)
+    chain = [  # (DP size, micro-batch, from, to, train-iters)
+        (2, "1", "dp4", "dp2", "4"),   # DP4 -> DP2
+        (1, "2", "dp2", "dp1", "5"),   # DP2 -> DP1
+        (2, "1", "dp1", "dp2b", "6"),  # DP1 -> DP2
+    ]
+    for dp, micro, src, dst, iters in chain:
+        proc = train(ws, *REGATE, "--micro-batch-size", micro, "--train-iters", iters,
+                     "--load", src, "--save", dst, "--metrics-jsonl", f"{dst}.jsonl", nproc=dp)
+        assert "global batch size 4 from the checkpoint" in proc.stdout
+        got = metrics(ws / f"{dst}.jsonl")
+        start = int(_common_state(ws / src)["iteration"])
+        assert [r["step"] for r in got] == list(range(start + 1, int(iters) + 1)), (dst, got)
+        for row in got:
+            want = full[row["step"]]
+            for key in ("keep_ratio", "target_tokens", "kept_target_tokens"):
+                assert row[key] == want[key], (dst, key, row, want)
+            assert row["lm_loss"] == pytest.approx(want["lm_loss"], rel=1e-5), (dst, row, want)
+            assert row["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (dst, row)
+        common = _common_state(ws / dst)
+        assert common["consumed_samples"] == 4 * int(iters) == 4 * common["iteration"]
+        assert common["run_state"]["global_batch_size"] == 4
