@@ -24,9 +24,8 @@ import time
 
 import numpy as np
 import pytest
-
 from fixtures_data import mixed_records, synthetic_corpus, write_records
-from test_cli import SEQ, _free_port, _run, metrics
+from test_cli import SEQ, _run, metrics
 
 # test_cli's tiny LLaVA, without --global-batch-size (it comes from micro x DP or the checkpoint)
 TINY = [
@@ -251,3 +250,98 @@ def test_dp_size_changes_keep_global_batch_and_data_position(ws):
         common = _common_state(ws / dst)
         assert common["consumed_samples"] == 4 * int(iters) == 4 * common["iteration"]
         assert common["run_state"]["global_batch_size"] == 4
+
+
+# ------------------------------------------------------------ 4. no orphan checkpoint writers
+def _session_processes(sid):
+    """Live (non-zombie) processes of session `sid`: [(pid, state, ppid)]."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, ppid, session = fields[0], int(fields[1]), int(fields[3])
+        if session == sid and state not in ("Z", "X"):
+            out.append((int(name), state, ppid))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_trainer_leaves_no_writer_and_stale_tmp_is_removed(ws, monkeypatch, capsys):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "regate_megatron.train", *TINY, "--data-path", "train.json",
+           "--tokenizer-model", "tok.model", "--micro-batch-size", "2", "--train-iters", "400",
+           "--save", "killed", "--save-interval", "1"]
+    proc = subprocess.Popen(cmd, cwd=ws, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # kill -9 mid-save: while a checkpoint writer (a child of the trainer) is alive, or at
+        # the latest once two checkpoints were written
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = [p for p in _session_processes(proc.pid) if p[2] == proc.pid]
+            if children or (ws / "killed" / "iter_0000003").exists():
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while _session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _session_processes(proc.pid) == [], "processes outlived the killed trainer"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.stderr.close()
+    # the next start (here one that then fails on its data) removes what the kill left
+    (ws / "killed" / "iter_0000099.tmp").mkdir(exist_ok=True)
+    (ws / "killed" / "iter_0000099.tmp" / "half.distcp").write_bytes(b"x")
+    (ws / "latin1.json").write_bytes('[{"id": "é"}]'.encode("latin-1"))
+    code, err = train_in_process(ws, monkeypatch, capsys, "--train-iters", "1", "--save",
+                                 "killed", "--data-path", "latin1.json")
+    assert code == 2 and "latin1.json:1: not UTF-8" in one_error_line(err), err
+    assert not [p for p in os.listdir(ws / "killed") if p.endswith(".tmp")]
+
+
+# -------------------------------------------------------------- 5. bad inputs, named, early
+def test_bad_inputs_fail_before_step_one_naming_the_input(ws, monkeypatch, capsys):
+    import shutil
+
+    def fails(needles, *flags, code=2):
+        got, err = train_in_process(ws, monkeypatch, capsys, "--train-iters", "2", *flags)
+        line = one_error_line(err)
+        assert got == code, err
+        for needle in needles:
+            assert needle in line, (needle, line)
+
+    fails(["--micro-batch-size must be >= 1, got 0"], "--micro-batch-size", "0", code=1)
+    fails(["--train-iters must be >= 1, got 0"], "--train-iters", "0", code=1)
+    (ws / "afile").write_text("not a directory")
+    fails(["--save afile is a file"], "--save", "afile")
+    fails(["--save afile/ckpt is not writable"], "--save", "afile/ckpt")
+
+    for name, damage, needle in (("trunc_values", "values.npy", "values.npy is truncated"),
+                                 ("trunc_offsets", "offsets.npy", "offsets.npy is truncated"),
+                                 ("trunc_meta", "meta.json", "meta.json is truncated or corrupt")):
+        shutil.copytree(ws / "store", ws / name)
+        path = ws / name / damage
+        path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size - 40)])
+        fails([f"reference-loss store {ws / name}", needle, "regate-precompute-ref"],
+              "--regate", "--regate-ref-store", name)
+
+    # metrics: a run without --load does not cut (or mix into) another run's file; a file
+    # corrupt before its last line is named with the line
+    (ws / "other.jsonl").write_text('{"step": 1, "lm_loss": 2.0}\n')
+    fails(["--metrics-jsonl other.jsonl already holds", "--load"], "--metrics-jsonl", "other.jsonl")
+    assert (ws / "other.jsonl").read_text() == '{"step": 1, "lm_loss": 2.0}\n'
+    (ws / "broken.jsonl").write_text('{"step": 1}\n{"step": 2, "lm_l\n{"step": 3}\n')
+    (ws / "some_ckpt").mkdir(exist_ok=True)
+    fails(["--metrics-jsonl broken.jsonl:2: not a metrics row"], "--metrics-jsonl",
+          "broken.jsonl", "--load", "some_ckpt")
