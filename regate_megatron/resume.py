@@ -4,18 +4,22 @@ Every checkpoint stores the flags that shape training (`run_state`) next to the
 architecture (`arguments.model_args_dict`). On `--load`, before any tensor is read,
 `reconcile` compares them with the command line:
 
-- architecture, `--seed`, `--global-batch-size`, the Adam hyper-parameters and the ReGATE
-  configuration must be equal; a `--global-batch-size` not given is taken from the
-  checkpoint (the global batch is a property of the run, not of the data-parallel size);
+- architecture, `--seed`, `--global-batch-size`, the Adam hyper-parameters, `--bf16`,
+  `--freeze-ViT` / `--freeze-LM` and the ReGATE configuration must be equal; a
+  `--global-batch-size` not given is taken from the checkpoint (the global batch is a
+  property of the run, not of the data-parallel size);
 - the LR schedule (`--lr`, `--min-lr`, `--lr-warmup-iters`, `--lr-decay-style`, the decay
   horizon, `--weight-decay`) must be equal unless `--override-opt_param-scheduler` (the
   command line wins, the step count is kept) or `--use-checkpoint-opt_param-scheduler`
   (the checkpoint wins) is passed, as in Megatron-LM. The decay horizon is
-  `--lr-decay-iters`, or `--train-iters` when that is not given: a run resumed with a longer
-  `--train-iters` and no `--lr-decay-iters` extends its decay to the new end;
+  `--lr-decay-iters`, or `--train-iters` when that is not given: a run trained and resumed
+  without `--lr-decay-iters` follows `--train-iters`, so a longer one extends the decay to
+  the new end (logged);
 - `--train-iters` may change but must exceed the checkpoint's iteration.
 
-Anything else is refused with one error naming every flag, its value and the checkpoint's.
+Other flags (micro-batch size, TP / PP / DP sizes, `--clip-grad`, logging, evaluation) may
+change freely. A refusal is one error naming every differing flag, its value and the
+checkpoint's, and the fix.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ __all__ = ["run_state", "reconcile", "decay_horizon", "SCHEDULE_ARG_NAMES", "FIX
 # The LR schedule: equal, or --override-opt_param-scheduler / --use-checkpoint-...
 SCHEDULE_ARG_NAMES = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weight_decay")
 # Fixed for the life of a run (besides the architecture and the ReGATE configuration).
-FIXED_ARG_NAMES = ("seed", "global_batch_size", "adam_beta1", "adam_beta2", "adam_eps")
+FIXED_ARG_NAMES = ("seed", "global_batch_size", "adam_beta1", "adam_beta2", "adam_eps", "bf16",
+                   "freeze_ViT", "freeze_LM")
 # ReGATE fields that do not shape training: where the store lives may change.
 _REGATE_FREE = ("ref_store",)
 
@@ -93,7 +98,7 @@ def reconcile(args: argparse.Namespace, common: Dict[str, Any], path: str) -> Li
                      f"({args.num_microbatches} micro-batches of {args.micro_batch_size} x "
                      f"DP {args.data_parallel_size})")
     for name in FIXED_ARG_NAMES:
-        if getattr(args, name) != saved[name]:
+        if name in saved and getattr(args, name) != saved[name]:
             wrong.append(f"{_flag(name)} {getattr(args, name)} (checkpoint {saved[name]})")
     mine = _regate_state(args)
     for key in sorted(set(mine) | set(saved["regate"])):
