@@ -123,13 +123,9 @@ def prepare_save_dir(root: str, is_rank0: bool) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(prctl, parent_pid: int) -> None:
     """In a freshly forked child: be killed when the forking thread's process dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return  # not Linux: nothing to set
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -142,9 +138,11 @@ def _sync_save_without_orphans() -> None:
     if getattr(filesystem_async, "_regate_no_orphans", False):
         return
     if sys.platform.startswith("linux"):
+        # Resolved here, not in the child: no dynamic loading between fork and exit.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
         parent = {}
         os.register_at_fork(before=lambda: parent.__setitem__("pid", os.getpid()),
-                            after_in_child=lambda: _die_with_parent(parent.get("pid", -1)))
+                            after_in_child=lambda: _die_with_parent(prctl, parent.get("pid", -1)))
     if filesystem_async._results_queue is None:
         # Synchronous saves put and get their results in this process: a thread queue does.
         filesystem_async._results_queue = queue.Queue()

@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from regate_megatron.parallel import rank_device
+
 __all__ = [
     "NonFiniteError",
     "check_step_finite",
@@ -59,24 +61,27 @@ def check_step_finite(
                  loss is counted once.
     """
     # payload: [loss sum, computed targets, non-finite loss, non-finite grads, flag per slot];
-    # a NaN loss sum stays in its own entry (an element-wise sum), the flags stay exact.
-    payload = torch.zeros(4 + len(global_ids), dtype=torch.float64)
+    # a NaN loss sum stays in its own entry (an element-wise sum), the flags stay exact. It
+    # lives on this rank's device (NCCL reduces device tensors); one host sync at the end.
+    device = rank_device()
+    payload = torch.zeros(4 + len(global_ids), dtype=torch.float64, device=device)
     if contributes:
         slot = slot_offset
         for _batch, loss, computed in records:
             mask = computed.bool()
-            payload[0] += float((loss.double() * mask).sum())
-            payload[1] += float(mask.sum())
-            for row in range(loss.shape[0]):
-                if not bool(torch.isfinite(loss[row][mask[row]]).all()):
-                    payload[4 + slot] = 1.0
-                slot += 1
-        payload[2] = 0.0 if math.isfinite(float(payload[0])) else 1.0
+            # [b, s] -> [b]: a row is bad if a computed target's loss is NaN/inf
+            bad_rows = (~torch.isfinite(loss) & mask).any(dim=1)
+            payload[0] += (loss.double() * mask).sum().to(device)
+            payload[1] += mask.sum().to(device)
+            payload[4 + slot:4 + slot + loss.shape[0]] = bad_rows.to(device, torch.float64)
+            slot += loss.shape[0]
+        payload[2] = (~torch.isfinite(payload[0])).to(torch.float64)
     for chunk in model_chunks:
         for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
-            if not bool(torch.isfinite(buffer.grad_data).all()):
-                payload[3] = 1.0
+            payload[3] = torch.maximum(
+                payload[3], (~torch.isfinite(buffer.grad_data).all()).to(device, torch.float64))
     dist.all_reduce(payload, group=group)  # sync point: every rank reaches the same verdict
+    payload = payload.cpu()
     bad_loss, bad_grad = float(payload[2]) > 0, float(payload[3]) > 0
     bad_slots = [int(global_ids[i]) for i in range(len(global_ids)) if float(payload[4 + i]) > 0]
     if not (bad_loss or bad_grad or bad_slots):
@@ -104,17 +109,17 @@ def check_grad_norm_finite(step: int, grad_norm: Optional[float], lr: float, los
 def check_params_finite(model_chunks: Sequence[torch.nn.Module], iteration: int,
                         group: Optional[dist.ProcessGroup] = None) -> None:
     """Refuse (on every rank) to checkpoint parameters that hold a NaN/inf."""
-    bad: List[str] = []
-    for chunk in model_chunks:
-        for name, param in chunk.named_parameters():
-            if not bool(torch.isfinite(param.detach()).all()):
-                bad.append(name)
-    flag = torch.tensor([float(len(bad))], dtype=torch.float64)
+    named = [(name, p) for chunk in model_chunks for name, p in chunk.named_parameters()]
+    not_finite = [(~torch.isfinite(p.detach()).all()).to(rank_device()) for _, p in named]
+    flag = (torch.stack(not_finite).sum() if not_finite
+            else torch.zeros((), device=rank_device())).to(torch.float64).reshape(1)
     dist.all_reduce(flag, group=group)  # sync point: all ranks save or none does
+    flag = flag.cpu()
     if float(flag[0]) > 0:
-        named = f" (e.g. {bad[0]})" if bad else ""
+        bad: List[str] = [name for (name, _), nf in zip(named, not_finite, strict=True) if bool(nf)]
+        example = f" (e.g. {bad[0]})" if bad else ""
         raise NonFiniteError(
-            f"iteration {iteration}: {int(flag[0])} parameter tensor(s) hold NaN/inf{named}; "
+            f"iteration {iteration}: {int(flag[0])} parameter tensor(s) hold NaN/inf{example}; "
             f"refusing to save them (the latest checkpoint is left as it was); {_FIX}"
         )
 

@@ -145,6 +145,18 @@ def test_nan_stops_the_run_at_its_step_dense_and_regate(ws):
     assert _assert_nothing_non_finite_saved(ws / "nan_dense") == len(rows)
     assert not (ws / "nan_dense" / f"iter_{step:07d}").exists()
 
+    # with the check off (dense only) the run trains on, but never saves the NaN weights, and
+    # the metrics file stays strict JSON (null)
+    proc = train(ws, "--micro-batch-size", "2", "--train-iters", "8", "--lr", "1e6",
+                 "--no-check-for-nan-in-loss-and-grad", "--save", "nan_off", "--save-interval",
+                 "1", "--metrics-jsonl", "nan_off.jsonl", expect_ok=False)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "refusing to save" in line, proc.stderr[-2000:]
+    rows = _strict_rows(ws / "nan_off.jsonl")
+    assert rows[-1]["lm_loss"] is None or rows[-1]["grad_norm"] is None, rows[-1]
+    assert f"iteration {len(rows)}:" in line, line
+    assert _assert_nothing_non_finite_saved(ws / "nan_off") == len(rows) - 1
+
     # with ReGATE under PP2 (the loss lives on the last stage only): every rank stops at the
     # step, before the EMA update and before any checkpoint of the diverged weights
     proc = train(ws, *REGATE, "--micro-batch-size", "2", "--global-batch-size", "4",
