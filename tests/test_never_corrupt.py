@@ -65,11 +65,11 @@ def train_in_process(ws, monkeypatch, capsys, *flags):
 def one_error_line(stderr: str) -> str:
     """The error of a failed run: one line, no traceback from the trainer's code (torchrun's
     own report of a failed child is the launcher's)."""
+    launcher = ("torch/distributed/run.py", "torch/distributed/launcher/",
+                "torch/distributed/elastic/", "<frozen runpy>")
     frames = [line for line in stderr.splitlines() if line.lstrip().startswith('File "')]
-    assert not [f for f in frames if "torch/distributed/run.py" not in f
-                and "torch/distributed/elastic" not in f and "<frozen runpy>" not in f], \
-        stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if "error" in line or "regate-train:" in line]
+    assert not [f for f in frames if not any(part in f for part in launcher)], stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("regate-train:")]
     assert lines, stderr[-3000:]
     return lines[-1]
 
