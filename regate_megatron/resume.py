@@ -100,12 +100,15 @@ def reconcile(args: argparse.Namespace, common: Dict[str, Any], path: str) -> Li
     for name in FIXED_ARG_NAMES:
         if name in saved and getattr(args, name) != saved[name]:
             wrong.append(f"{_flag(name)} {getattr(args, name)} (checkpoint {saved[name]})")
-    mine = _regate_state(args)
-    for key in sorted(set(mine) | set(saved["regate"])):
-        if mine.get(key) != saved["regate"].get(key):
-            from regate_megatron.config import flag_for
+    from regate_megatron.config import ReGateConfig, flag_for
 
-            wrong.append(f"{flag_for(key)} {mine.get(key)} (checkpoint {saved['regate'].get(key)})")
+    # A field the checkpoint does not know (added later) had its default there.
+    theirs = {f.name: f.default for f in dataclasses.fields(ReGateConfig)}
+    theirs.update(saved["regate"])
+    mine = _regate_state(args)
+    for key in sorted(mine):
+        if mine[key] != theirs.get(key):
+            wrong.append(f"{flag_for(key)} {mine[key]} (checkpoint {theirs.get(key)})")
 
     schedule = [(n, getattr(args, n), saved[n]) for n in SCHEDULE_ARG_NAMES
                 if getattr(args, n) != saved[n]]
