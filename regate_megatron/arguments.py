@@ -136,6 +136,16 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--adam-eps", type=float, default=1e-8)
     t.add_argument("--clip-grad", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="stop at the first step whose loss or gradients hold NaN/inf, on every "
+                        "rank, before the optimizer step (as Megatron-LM; on by default)")
+    t.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on --load, take the LR schedule flags from the command line instead "
+                        "of refusing ones that differ from the checkpoint (step count kept)")
+    t.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on --load, take the LR schedule from the checkpoint, ignoring the "
+                        "command line's LR schedule flags")
     c = parser.add_argument_group("checkpointing, evaluation and logging")
     c.add_argument("--save", default=None)
     c.add_argument("--load", default=None)
@@ -147,7 +157,10 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="greedy-decode length limit for answer accuracy")
     c.add_argument("--log-interval", type=int, default=10)
     c.add_argument("--tensorboard-dir", default=None)
-    c.add_argument("--metrics-jsonl", default=None, help="append one JSON line per step")
+    c.add_argument("--metrics-jsonl", default=None,
+                   help="one strict-JSON line per step (NaN/inf written as null); with --load the "
+                        "file continues after the resumed iteration (later rows are dropped); a "
+                        "run without --load refuses an existing non-empty file")
     c.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
 
 
@@ -199,6 +212,7 @@ def validate_args(args: argparse.Namespace) -> None:
     fill_model_defaults(args)
     args.regate = ReGateConfig.from_args(args)
     args.regate.layer_span(args.num_layers)
+    _check_training_numbers(args)
     launch = launch_env()  # torchrun's WORLD_SIZE or srun's SLURM_NTASKS
     world = (launch.world_size if launch.launcher != "single"
              else int(os.environ.get("WORLD_SIZE", "1")))
@@ -209,6 +223,8 @@ def validate_args(args: argparse.Namespace) -> None:
             f"{tp} x --pipeline-model-parallel-size {pp}"
         )
     args.data_parallel_size = world // (tp * pp)
+    # Not given: micro x DP for a fresh run, the checkpoint's on --load (resume.reconcile).
+    args.global_batch_size_given = args.global_batch_size is not None
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
@@ -254,6 +270,30 @@ def validate_args(args: argparse.Namespace) -> None:
     # --load = --save (Megatron-LM's resume-in-place): the first run finds nothing to load.
     if args.load is not None and args.load != args.save and not os.path.isdir(args.load):
         raise SystemExit(f"regate-train: --load {args.load} is not a directory")
+
+
+def _check_training_numbers(args: argparse.Namespace) -> None:
+    """Counts and the LR schedule: the errors Megatron would raise as bare asserts."""
+    for flag, minimum in (("micro_batch_size", 1), ("global_batch_size", 1), ("train_iters", 1),
+                          ("lr_decay_iters", 1), ("lr_warmup_iters", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            raise SystemExit(f"regate-train: --{flag.replace('_', '-')} must be >= {minimum}, "
+                             f"got {value}")
+    if not (args.lr >= 0 and 0 <= args.min_lr <= args.lr):
+        raise SystemExit(f"regate-train: need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr})")
+    horizon = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= horizon:
+        raise SystemExit(
+            f"regate-train: --lr-warmup-iters {args.lr_warmup_iters} must be < the LR decay "
+            f"horizon {horizon} (--lr-decay-iters, default --train-iters)"
+        )
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise SystemExit("regate-train: pass at most one of --override-opt_param-scheduler and "
+                         "--use-checkpoint-opt_param-scheduler")
+    if not args.check_for_nan_in_loss_and_grad and args.regate.enabled:
+        raise SystemExit("regate-train: --no-check-for-nan-in-loss-and-grad cannot be combined "
+                         "with --regate (the student-loss EMA needs finite losses)")
 
 
 def model_args_dict(args: argparse.Namespace) -> dict:

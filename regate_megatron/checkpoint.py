@@ -9,14 +9,29 @@ rank's RNG state and the ReGATE state (EMA shards, vocabulary EMA); the model's
 architecture flags are stored in its common state so a consumer (the teacher in
 `regate-precompute-ref`) can rebuild it. A save goes to `iter_N.tmp` and is
 renamed into place only when every rank has finished; the pointer moves after
-that, so a crash at any point leaves the previous checkpoint intact.
+that, so a crash at any point leaves the previous checkpoint intact. Parameters holding
+NaN/inf are never written (`guard.check_params_finite`).
+
+Processes: Megatron-Core 0.16.1's torch_dist save (`FileSystemWriterAsync`, also in its
+synchronous mode) caches a results queue from a spawn-context `multiprocessing.Manager` (a
+server process that lives as long as the trainer, re-imports the entry script and survives a
+`kill -9` of it) and forks one writer process per file bucket for every save. For a
+synchronous save that queue never leaves the trainer, so `_sync_save_without_orphans` gives
+Megatron a plain in-process queue instead (no manager), and makes every process forked by
+the trainer die with it (`PR_SET_PDEATHSIG`), so a killed trainer leaves no writer behind.
+`prepare_save_dir` checks `--save` and removes stale `iter_*.tmp` directories at start-up.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import os
+import queue
 import random
 import shutil
+import signal
+import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -31,6 +46,7 @@ from regate_megatron.cpu_compat import (
     fix_optimizer_step_after_load,
     load_distributed_optimizer_state,
 )
+from regate_megatron.guard import check_params_finite
 
 __all__ = [
     "TRACKER",
@@ -41,6 +57,8 @@ __all__ = [
     "load_checkpoint",
     "load_module_weights",
     "read_common_state",
+    "checkpoint_path",
+    "prepare_save_dir",
 ]
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -79,6 +97,63 @@ def _checkpoint_dir(root: str) -> str:
             f"written by --save, or at one iter_* directory"
         )
     return iteration_dir(root, iteration)
+
+
+def checkpoint_path(root: str) -> str:
+    """The torch_dist directory `--load root` resumes from (root itself, or its latest)."""
+    return _checkpoint_dir(root)
+
+
+def prepare_save_dir(root: str, is_rank0: bool) -> None:
+    """Before step 1: `--save root` must be a writable directory (created if missing); rank 0
+    removes what a killed earlier save left (`iter_*.tmp`, a half-moved pointer)."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"--save {root} is a file, not a directory; point --save at a "
+                         f"directory (it is created if missing)")
+    probe = os.path.join(root, f".write-test-{os.uname().nodename}-{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--save {root} is not writable ({err.strerror or err}); choose a "
+                         f"directory this job can create and write") from None
+    if is_rank0:
+        for stale in sorted(glob.glob(os.path.join(root, "iter_*.tmp"))):
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"[regate-train] removed {stale}, left by an interrupted save", flush=True)
+        if os.path.exists(os.path.join(root, TRACKER + ".tmp")):
+            os.remove(os.path.join(root, TRACKER + ".tmp"))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(prctl, parent_pid: int) -> None:
+    """In a freshly forked child: be killed when the forking thread's process dies."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _sync_save_without_orphans() -> None:
+    """Megatron-Core 0.16.1's save processes must not outlive the trainer (see the module
+    docstring). Idempotent; applied from `save_checkpoint` only."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_regate_no_orphans", False):
+        return
+    if sys.platform.startswith("linux"):
+        # Resolved here, not in the child: no dynamic loading between fork and exit.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        parent = {}
+        os.register_at_fork(before=lambda: parent.__setitem__("pid", os.getpid()),
+                            after_in_child=lambda: _die_with_parent(prctl, parent.get("pid", -1)))
+    if filesystem_async._results_queue is None:
+        # Synchronous saves put and get their results in this process: a thread queue does.
+        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._regate_no_orphans = True
 
 
 def read_common_state(root: str) -> Dict[str, Any]:
@@ -143,7 +218,10 @@ def save_checkpoint(
     common: Optional[dict] = None,
     sharding_type: str = "fully_reshardable",
 ) -> str:
-    """Write iteration `iteration` atomically and move the pointer; returns its directory."""
+    """Write iteration `iteration` atomically and move the pointer; returns its directory.
+    Refused (NonFiniteError, on every rank) when a parameter holds NaN/inf."""
+    check_params_finite(model, iteration)
+    _sync_save_without_orphans()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     if dist.get_rank() == 0:

@@ -160,6 +160,7 @@ def _check_image(path: str) -> None:
             raise ValueError(f"image {path!r}: {exc}") from None
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
             raise ValueError(f"image {path!r} has non-numeric dtype {arr.dtype}")
+        _check_finite_pixels(path, arr)
         return
     from PIL import Image
 
@@ -170,12 +171,25 @@ def _check_image(path: str) -> None:
         raise ValueError(f"image {path!r} cannot be opened by Pillow ({exc})") from None
 
 
+def _check_finite_pixels(path: str, arr: np.ndarray) -> None:
+    """A float image with NaN/inf pixels would make the loss non-finite: a data error."""
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise ValueError(
+                f"image {path!r} holds {int((~finite).sum())} non-finite pixel value(s) (first "
+                f"at index {where}); fix or drop the image"
+            )
+
+
 def load_image(path: str, image_size: Union[int, Sequence[int]]) -> torch.Tensor:
     """Load one image as a normalised float32 tensor [3, H, W] (see the module docstring)."""
     h, w = _image_size(image_size)
     if path.lower().endswith(".npy"):
         arr = np.load(path)
         layout = _npy_layout(arr.shape)
+        _check_finite_pixels(path, arr)
         scale = 255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0
         x = torch.from_numpy(np.asarray(arr, dtype=np.float32)) / scale
         if layout == "hw":
@@ -201,8 +215,16 @@ def load_image(path: str, image_size: Union[int, Sequence[int]]) -> torch.Tensor
 def read_json_records(path: str, what: str = "the data file") -> list:
     """Objects of a JSON list or a JSON Lines file (one object per line); a bad line is an
     error naming ``path:line`` and what the file should be."""
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            f"{what} must be UTF-8 JSON or JSON Lines: re-encode it (e.g. iconv -t UTF-8)"
+        ) from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError:

@@ -1,17 +1,68 @@
 """Per-step metrics: `--metrics-jsonl`, TensorBoard and a progress bar, all on rank 0.
 
-On resume the JSONL file is cut back to the resumed iteration first, so a run that
-crashed after its last checkpoint does not leave duplicate steps behind.
+The JSONL file is strict JSON (a non-finite value is written as null). A run with
+`--load` continues it: rows after the resumed iteration (trained after the last checkpoint,
+about to be retrained) are dropped first, so no step appears twice. A run without `--load`
+refuses an existing non-empty file rather than cutting or mixing another run's rows
+(`check_metrics_file`, before step 1). A torn last line (a kill mid-write) is dropped with
+a warning; a bad line anywhere else is an error naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from typing import List
 
 import torch.distributed as dist
 
-__all__ = ["MetricsLogger"]
+from regate_megatron.guard import json_safe
+
+__all__ = ["MetricsLogger", "check_metrics_file", "read_metrics_rows"]
+
+
+def read_metrics_rows(path: str, warn: bool = True) -> List[dict]:
+    """The rows of a metrics JSONL file; a torn last line is dropped (with a warning), any
+    other unreadable line is a ValueError naming `path:line`."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows, last = [], max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as err:
+            if i == last:
+                if warn:
+                    print(f"[regate-train] warning: {path}:{i + 1}: dropping a torn last line "
+                          f"(a run killed mid-write)", file=sys.stderr, flush=True)
+                break
+            raise ValueError(
+                f"--metrics-jsonl {path}:{i + 1}: not a metrics row ({err}); the file is "
+                f"corrupt before its last line: move it away or pass another --metrics-jsonl"
+            ) from None
+        rows.append(row)
+    return rows
+
+
+def check_metrics_file(path: str, resuming: bool) -> None:
+    """Before step 1: a fresh run does not take over another run's metrics; a resumed run's
+    file must be readable (see the module docstring)."""
+    if not path or not os.path.exists(path):
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--metrics-jsonl {path} is a directory; pass a file path")
+    if not resuming and os.path.getsize(path) > 0:
+        raise ValueError(
+            f"--metrics-jsonl {path} already holds another run's metrics and this run starts "
+            f"from scratch (no --load); pass --load to continue that run, or move the file away "
+            f"/ choose another --metrics-jsonl"
+        )
+    read_metrics_rows(path, warn=False)  # the logger drops a torn last line, with a warning
 
 
 class MetricsLogger:
@@ -40,10 +91,9 @@ class MetricsLogger:
     def _truncate(path: str, start: int) -> None:
         if not os.path.exists(path):
             return
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        keep = [row for row in read_metrics_rows(path) if row["step"] <= start]
         with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
+            f.writelines(json.dumps(json_safe(row), allow_nan=False) + "\n" for row in keep)
         os.replace(path + ".tmp", path)
 
     def log(self, metrics: dict) -> None:
@@ -51,7 +101,7 @@ class MetricsLogger:
             return
         step = metrics["step"]
         if self.jsonl:
-            self.jsonl.write(json.dumps(metrics) + "\n")
+            self.jsonl.write(json.dumps(json_safe(metrics), allow_nan=False) + "\n")
             self.jsonl.flush()
         if self.writer:
             for key, value in metrics.items():

@@ -163,6 +163,15 @@ def write_store(path: str, values_per_sample: Sequence[np.ndarray], meta: dict) 
         raise
 
 
+def _open_array(store: str, name: str, rebuild: str) -> np.ndarray:
+    """One of the store's arrays, memory-mapped; a truncated or unreadable file is named."""
+    try:
+        return np.load(os.path.join(store, name), mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:  # e.g. "mmap length is greater than file size"
+        raise ValueError(f"reference-loss store {store}: {name} is truncated or unreadable "
+                         f"({err}); {rebuild}") from None
+
+
 class RefLossStore:
     """A store opened memory-mapped. ``store[sample_id]`` -> float16 [n_targets]."""
 
@@ -188,15 +197,21 @@ class RefLossStore:
                 f"no reference-loss store at {path} (no meta.json); build it with "
                 f"`regate-precompute-ref`"
             )
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
+        try:
+            with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict) or not isinstance(meta.get("num_samples"), int):
+                raise ValueError("not an object with an integer num_samples")
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"reference-loss store {path}: meta.json is truncated or corrupt "
+                             f"({err}); {rebuild}") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"reference-loss store {path} has format_version {meta.get('format_version')!r}, "
                 f"this code reads {FORMAT_VERSION}; {rebuild}"
             )
-        offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
-        values = np.load(os.path.join(path, "values.npy"), mmap_mode="r")
+        offsets = _open_array(path, "offsets.npy", rebuild)
+        values = _open_array(path, "values.npy", rebuild)
         n = int(meta["num_samples"])
         if (
             offsets.dtype != np.int64 or offsets.shape != (n + 1,) or values.dtype != np.float16

@@ -1,10 +1,13 @@
 """Deterministic global batches: which samples step t trains on, on every rank.
 
-The order is a pure function of (seed, step): epoch e is a permutation of the
-dataset drawn from `seed + e`, and the epochs are concatenated; step t takes the
-next `global_batch_size` entries. Every rank can therefore name the whole global
-batch (the scorer's exchange needs it) and a resumed run continues at exactly
-the sample where it stopped, from the iteration alone.
+The order is a pure function of the seed: epoch e is a permutation of the dataset
+drawn from `seed + e`, and the epochs are concatenated into one stream. A global batch
+is the next `global_batch_size` entries after the `consumed_samples` already trained
+(`batch_positions`); step t of a run whose global batch never changed starts at
+t x global_batch_size (`global_batch_positions`). Every rank can therefore name the whole
+global batch (the scorer's exchange needs it), and a resumed run continues at exactly the
+next unseen sample whatever its data-parallel size (the global batch and consumed samples
+are the run's, stored in the checkpoint).
 
 Data-parallel rank r takes the r-th contiguous slice of the global batch and
 splits it into micro-batches in order, so the global batch is "all ranks'
@@ -17,18 +20,19 @@ from typing import List
 
 import numpy as np
 
-__all__ = ["global_batch_positions", "local_microbatch_positions"]
+__all__ = ["batch_positions", "global_batch_positions", "local_microbatch_positions"]
 
 
 def _epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(seed + epoch).permutation(num_samples)
 
 
-def global_batch_positions(step: int, num_samples: int, global_batch_size: int, seed: int) -> List[int]:
-    """Dataset positions (not sample ids) of step `step`'s global batch."""
+def batch_positions(consumed_samples: int, num_samples: int, global_batch_size: int,
+                    seed: int) -> List[int]:
+    """Dataset positions (not sample ids) of the global batch after `consumed_samples`."""
     if num_samples < 1:
         raise ValueError("the training dataset has no usable samples")
-    start = step * global_batch_size
+    start = consumed_samples
     out: List[int] = []
     while len(out) < global_batch_size:
         epoch, offset = divmod(start + len(out), num_samples)
@@ -36,6 +40,11 @@ def global_batch_positions(step: int, num_samples: int, global_batch_size: int, 
         take = min(global_batch_size - len(out), num_samples - offset)
         out.extend(int(i) for i in order[offset:offset + take])
     return out
+
+
+def global_batch_positions(step: int, num_samples: int, global_batch_size: int, seed: int) -> List[int]:
+    """Dataset positions of step `step`'s global batch (a constant global batch size)."""
+    return batch_positions(step * global_batch_size, num_samples, global_batch_size, seed)
 
 
 def local_microbatch_positions(

@@ -9,15 +9,22 @@ One step of the loop, top to bottom:
               model-parallel group's first rank, broadcast to the whole TP x PP group
     micro     Megatron-Core's forward/backward schedule; loss summed over computed
               target tokens and normalised per token across the global batch
+    guard     one all-reduce: a NaN/inf loss or gradient on any rank stops every rank here,
+              before the EMA update and the optimizer step (--check-for-nan-in-loss-and-grad)
     step      EMA update (one exchange) + optimizer step + LR schedule
     log       loss, rho, target tokens total/kept, layer-tokens, tokens/s
     eval      dense held-out loss and greedy-decode answer accuracy
-    save      atomic checkpoint, "latest" pointer last
+    save      atomic checkpoint of finite parameters only, "latest" pointer last
+
+Before step 1: --save is checked writable (stale iter_*.tmp removed), --metrics-jsonl
+checked, and on --load the command line is reconciled with the checkpoint's flags
+(`regate_megatron.resume`: continue consistently or refuse, naming both values).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from functools import partial
@@ -29,10 +36,12 @@ from megatron.core import parallel_state as ps
 
 from regate_megatron.arguments import model_args_dict, optimizer_config, parse_args
 from regate_megatron.data import ConversationDataset, collate
+from regate_megatron.guard import check_grad_norm_finite, check_step_finite
 from regate_megatron.mllm import build_model, llava_inputs, num_image_tokens
-from regate_megatron.parallel import initialize_parallel, run_tool
+from regate_megatron.parallel import initialize_parallel, launch_env, run_tool
 from regate_megatron.preemption import EarlyStop
-from regate_megatron.sampler import global_batch_positions, local_microbatch_positions
+from regate_megatron.resume import decay_horizon, run_state
+from regate_megatron.sampler import batch_positions, local_microbatch_positions
 from regate_megatron.selection import TokenSelection, broadcast_selections
 from regate_megatron.teacher import teacher_inputs
 from regate_megatron.tokenizer import SentencePieceTokenizer
@@ -57,20 +66,30 @@ class Run:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.iteration = 0
+        self.consumed_samples = 0  # the data position: a property of the run, not of DP size
         self.counters = dict(target_tokens=0.0, kept_target_tokens=0.0, layer_tokens=0.0,
                              dense_layer_tokens=0.0, train_seconds=0.0)
 
     # ------------------------------------------------------------------ build
     def setup(self) -> "Run":
         from megatron.core.distributed import (
-            DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
         )
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        from regate_megatron.checkpoint import has_checkpoint
         from regate_megatron.cpu_compat import check_distrib_optim_sharding
 
         args = self.args
+        # --load = --save with no checkpoint there yet is a first run (Megatron-LM's rule; the
+        # SLURM script always passes both, so a requeued job resumes in place).
+        self.resuming = bool(args.load) and (args.load != args.save or has_checkpoint(args.load))
+        if args.load and not self.resuming:
+            log0(f"no checkpoint in {args.load} yet: starting from scratch")
+        self._check_outputs()
         self.tokenizer = SentencePieceTokenizer(args.tokenizer_model)
         # Text-only runs (the teacher) keep the student's layout: the same image slots, which the
         # teacher view masks, so positions match what regate-precompute-ref scores later.
@@ -88,6 +107,7 @@ class Run:
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size,
                                             args.make_vocab_size_divisible_by)
         args.vocab_size = self.vocab_size  # saved with the architecture in every checkpoint
+        notes = self._reconcile_with_checkpoint() if self.resuming else []
         self.store = None
         if args.regate.enabled:
             from regate_megatron.ref_store import RefLossStore
@@ -104,6 +124,8 @@ class Run:
                                               or 10))  # Megatron-LM's default: 10 min
         torch.manual_seed(args.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        for note in notes:
+            log0(note)
         module = build_model(args, self.vocab_size, regate_config=args.regate)
         self.config = module.config
         if args.language_model_checkpoint or args.vision_model_checkpoint:
@@ -121,18 +143,46 @@ class Run:
         self.optimizer = get_megatron_optimizer(optimizer_config(args), self.model)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-            lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
+            lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=decay_horizon(args),
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
             end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+            # --load: `resume.reconcile` already settled these flags against the checkpoint;
+            # the checkpoint contributes its step count only.
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.no_sync_func = self.model[0].no_sync
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.scorer = self._build_scorer() if args.regate.enabled else None
-        if args.load:
+        if self.resuming:
             self._resume()
         self._print_plan()
         return self
+
+    def _check_outputs(self) -> None:
+        """--save and --metrics-jsonl, before any data is read or step is trained."""
+        from regate_megatron.checkpoint import prepare_save_dir
+        from regate_megatron.metrics import check_metrics_file
+
+        if self.args.save:
+            prepare_save_dir(self.args.save, is_rank0=launch_env().rank == 0)
+        check_metrics_file(self.args.metrics_jsonl, resuming=self.resuming)
+
+    def _reconcile_with_checkpoint(self) -> List[str]:
+        """The resume rule (`regate_megatron.resume`), before any tensor is loaded."""
+        from megatron.core import dist_checkpointing
+
+        from regate_megatron.checkpoint import checkpoint_path
+        from regate_megatron.resume import reconcile
+
+        path = checkpoint_path(self.args.load)
+        try:
+            common = dist_checkpointing.load_common_state_dict(path)
+        except Exception as err:  # noqa: BLE001 -- any unreadable common state is named
+            raise ValueError(f"--load {path}: cannot read the checkpoint's common state "
+                             f"({type(err).__name__}: {err}); is it a regate-train checkpoint?"
+                             ) from None
+        return reconcile(self.args, common, path)
 
     def _load_pretrained(self, module) -> None:
         from regate_megatron.checkpoint import load_module_weights
@@ -158,14 +208,19 @@ class Run:
         )
 
     def _resume(self) -> None:
-        from regate_megatron.checkpoint import has_checkpoint, load_checkpoint
+        from regate_megatron.checkpoint import load_checkpoint
 
-        if self.args.load == self.args.save and not has_checkpoint(self.args.load):
-            log0(f"no checkpoint in {self.args.load} yet: starting from scratch")  # first run
-            return
         common = load_checkpoint(self.args.load, self.model, self.optimizer, self.scheduler,
                                  self.scorer, sharding_type=self.args.distrib_optim_sharding_type)
+        # The optimizer's saved param groups carry the old max/min lr (read by the scheduler):
+        # the reconciled flags win (`resume.reconcile`), the step count is the checkpoint's.
+        for group in self.optimizer.param_groups:
+            group.update({k: v for k, v in (("max_lr", self.args.lr),
+                                            ("min_lr", self.args.min_lr)) if k in group})
+        self.scheduler.step(increment=0)
         self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common.get("consumed_samples",
+                                               self.iteration * self.args.global_batch_size))
         self.counters.update(common.get("counters", {}))
         log0(f"resumed from {self.args.load} at iteration {self.iteration}")
 
@@ -174,7 +229,8 @@ class Run:
 
         common = dict(args=model_args_dict(self.args), counters=dict(self.counters),
                       world_size=dist.get_world_size(), tokenizer_sha256=self.tokenizer.sha256,
-                      consumed_samples=self.iteration * self.args.global_batch_size)
+                      consumed_samples=self.consumed_samples,
+                      run_state=run_state(self.args))
         if self.scorer is not None:
             common["regate_state"] = True
         save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
@@ -197,11 +253,12 @@ class Run:
         log0(line)
 
     # ------------------------------------------------------------------ data
-    def micro_batches(self, step: int):
-        """This rank's micro-batches of step `step` and the global batch's sample ids."""
+    def micro_batches(self):
+        """This rank's micro-batches of the next global batch and the global batch's sample
+        ids: the `global_batch_size` samples after the run's consumed samples."""
         args = self.args
-        positions = global_batch_positions(step, len(self.train_data), args.global_batch_size,
-                                           args.seed)
+        positions = batch_positions(self.consumed_samples, len(self.train_data),
+                                    args.global_batch_size, args.seed)
         global_ids = [self.train_data.sample_ids[p] for p in positions]
         local = local_microbatch_positions(positions, self.dp_rank, self.dp_size,
                                            args.micro_batch_size)
@@ -257,7 +314,7 @@ class Run:
 
         args, step = self.args, self.iteration
         start = time.perf_counter()
-        batches, global_ids = self.micro_batches(step)
+        batches, global_ids = self.micro_batches()
         selections = self.select(step, batches, global_ids)
         records: list = []
         for chunk in self.model:
@@ -272,6 +329,10 @@ class Run:
             micro_batch_size=args.micro_batch_size,
             forward_only=False,
         )
+        lr = self.optimizer.param_groups[0]["lr"]
+        if args.check_for_nan_in_loss_and_grad:  # collective: all ranks stop at this step or none
+            check_step_finite(step + 1, records, self.dp_rank * (len(global_ids) // self.dp_size),
+                              global_ids, self.model, lr, contributes=self._loss_rank())
         if self.scorer is not None:
             if self.scorer_records_losses:
                 for batch, loss, computed in records:
@@ -281,13 +342,20 @@ class Run:
         if ok:
             self.scheduler.step(increment=1)
         self.iteration += 1
-        return self._step_metrics(batches, selections, records, grad_norm, time.perf_counter() - start)
+        self.consumed_samples += args.global_batch_size
+        seconds = time.perf_counter() - start
+        return self._step_metrics(batches, selections, records, grad_norm, seconds, lr)
 
-    def _step_metrics(self, batches, selections, records, grad_norm, seconds) -> dict:
+    @staticmethod
+    def _loss_rank() -> bool:
+        """Ranks whose losses count once: the last pipeline stage's tensor-parallel rank 0."""
+        return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    def _step_metrics(self, batches, selections, records, grad_norm, seconds, lr) -> dict:
         """Global-batch numbers (one all-reduce over the world; only loss ranks contribute)."""
         args = self.args
-        contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        stats = torch.zeros(6, dtype=torch.float64)
+        contributes = self._loss_rank()
+        stats = torch.zeros(7, dtype=torch.float64)
         span = args.regate.layer_span(args.num_layers)
         routed = span[1] - span[0]
         if contributes:
@@ -300,10 +368,15 @@ class Run:
                 stats += torch.tensor([
                     float((loss * computed).sum()), float(computed.sum()), targets, kept,
                     (args.num_layers - routed) * seq_tokens + routed * kept_tokens,
-                    args.num_layers * seq_tokens,
+                    args.num_layers * seq_tokens, 0.0,
                 ], dtype=torch.float64)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            stats[6] = 1.0
         dist.all_reduce(stats)  # sync point: every rank learns the global numbers
-        loss_sum, computed, targets, kept, layer_tokens, dense_layer_tokens = stats.tolist()
+        loss_sum, computed, targets, kept, layer_tokens, dense_layer_tokens, bad = stats.tolist()
+        if bad and args.check_for_nan_in_loss_and_grad:  # the same verdict on every rank
+            norm = float("nan") if grad_norm is None else float(grad_norm)
+            check_grad_norm_finite(self.iteration, norm, lr, loss_sum / max(computed, 1.0))
         c = self.counters
         c["target_tokens"] += targets
         c["kept_target_tokens"] += kept

@@ -7,7 +7,9 @@ from regate_megatron.sampler import global_batch_positions, local_microbatch_pos
 from regate_megatron.train import padded_vocab_size
 
 FROZEN_TRAIN_FLAGS = [
-    "--adam-beta1", "--adam-beta2", "--adam-eps", "--attention-dropout", "--bf16", "--clip-grad",
+    "--adam-beta1", "--adam-beta2", "--adam-eps", "--attention-dropout", "--bf16",
+    "--check-for-nan-in-loss-and-grad", "--no-check-for-nan-in-loss-and-grad",
+    "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler", "--clip-grad",
     "--data-path", "--distrib-optim-sharding-type", "--eval-interval", "--eval-iters",
     "--eval-max-new-tokens", "--ffn-hidden-size", "--freeze-LM", "--freeze-ViT",
     "--global-batch-size", "--group-query-attention", "--help", "--hidden-dropout", "--hidden-size",
