@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 from regate_megatron.arguments import model_args_dict, optimizer_config, parse_args
 from regate_megatron.data import ConversationDataset, collate
 from regate_megatron.mllm import build_model, llava_inputs, num_image_tokens
-from regate_megatron.parallel import initialize_parallel, run_tool
+from regate_megatron.parallel import collective_device, initialize_parallel, rank_device, run_tool
 from regate_megatron.sampler import global_batch_positions, local_microbatch_positions
 from regate_megatron.selection import TokenSelection, broadcast_selections
 from regate_megatron.teacher import teacher_inputs
@@ -99,6 +99,7 @@ class Run:
 
         initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             seed=args.seed)
+        self.device = rank_device()  # where this rank's model, batches and selections live
         torch.manual_seed(args.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         module = build_model(args, self.vocab_size, regate_config=args.regate)
@@ -216,6 +217,7 @@ class Run:
         """Megatron `forward_step_func`: one micro-batch forward; the loss function returns
         (loss summed over computed targets, computed target count, reduced stats)."""
         batch, selection = next(data_iterator)
+        batch = batch.to(self.device)  # selections arrive on self.device (broadcast_selections)
         inputs, text_mask = self.model_inputs(batch)
         output = model(**inputs, token_selection=selection)
         if isinstance(output, tuple):
@@ -244,7 +246,7 @@ class Run:
         if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
             selections = [self.scorer.select(b.sample_ids, b.labels, b.loss_mask) for b in batches]
         # Sync point: the model-parallel group receives its first rank's selections.
-        return broadcast_selections(selections, ps.get_model_parallel_group())
+        return broadcast_selections(selections, ps.get_model_parallel_group(), device=self.device)
 
     def train_step(self) -> dict:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -296,6 +298,7 @@ class Run:
                     (args.num_layers - routed) * seq_tokens + routed * kept_tokens,
                     args.num_layers * seq_tokens,
                 ], dtype=torch.float64)
+        stats = stats.to(collective_device())
         dist.all_reduce(stats)  # sync point: every rank learns the global numbers
         loss_sum, computed, targets, kept, layer_tokens, dense_layer_tokens = stats.tolist()
         c = self.counters
