@@ -67,7 +67,7 @@ class Run:
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from regate_megatron.cpu_compat import check_distrib_optim_sharding
+        from regate_megatron.optimizer_state import check_distrib_optim_sharding
 
         args = self.args
         self.tokenizer = SentencePieceTokenizer(args.tokenizer_model)

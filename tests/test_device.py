@@ -60,7 +60,8 @@ def _broadcast_world(rank: int, device: str) -> list:
     got = broadcast_selections(source if rank == 0 else None, dist.group.WORLD, device=device)
     return [(str(sel.keep_index.device), str(sel.target_mask.device),
              torch.equal(sel.keep_index.cpu(), ref.keep_index),
-             torch.equal(sel.target_mask.cpu(), ref.target_mask)) for sel, ref in zip(got, source, strict=True)]
+             torch.equal(sel.target_mask.cpu(), ref.target_mask))
+            for sel, ref in zip(got, source, strict=True)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo world; tests/test_gpu.py on CUDA")
