@@ -329,7 +329,7 @@ def _phase_gpt() -> dict:
 
 
 def _build_llava(tp: int):
-    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
+    from regate_megatron.mcore_compat import mlp_submodules
     from megatron.core.models.multimodal.llava_model import LLaVAModel
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 
@@ -350,7 +350,7 @@ def _build_llava(tp: int):
         vision_spec,
         drop_vision_class_token=False,
         vision_projection_config=projection_config,
-        vision_projection_layer_spec=get_mlp_module_spec(use_te=False).submodules,
+        vision_projection_layer_spec=mlp_submodules(use_te=False),
         img_h=16,
         img_w=16,
         patch_dim=8,
