@@ -104,7 +104,7 @@ def profile_variants(variants, step, device, path, top, show=("stock", "routed_0
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with open(path, "w") as out:
         for name, (model, selection) in variants.items():
             with profile(activities=activities) as prof:

@@ -5,8 +5,9 @@ CPU; ``benchmarks/gpu_check.sh`` runs the GPU tests and the router benchmark on 
 on the newest 0.19.x. Every difference we touch is listed here, with the version where it
 changed, and nowhere else in the package branches on the version.
 
-Read in the 0.16.1, 0.17.1, 0.18.2 and 0.19.2 wheels, and exercised by the CPU test suite
-on 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12):
+Read in the 0.16.1, 0.17.1, 0.18.2 and 0.19.2 wheels, and exercised by the CPU tests on
+0.16.1 (Python 3.11, torch 2.13) and 0.19.2 (Python 3.12, torch 2.14): router, model,
+LLaVA, selection, teacher, CPU bridge, TP/PP/SP/DP worlds, distributed-optimizer resume:
 
 ==========================  ============================================================
 API we use                  difference
@@ -25,12 +26,16 @@ API we use                  difference
                             ``pp_layer_offset``, ``name`` (0.19); ``forward`` is unchanged.
 ``get_gpt_layer_*_spec``    0.19 forwards ``*args, **kwargs`` to ``get_gpt_layer_*_submodules``
                             with the same keywords (``normalization``, ``qk_layernorm``).
+DDP grad sync               0.17+ calls ``torch.cuda.current_stream()`` in every DP>1 step;
+                            the CPU bridge answers a no-op stream (no version branch, and
+                            nothing at all on CUDA).
+``DistributedOptimizer``    same signatures; 0.19's ``load_state_dict`` and
+                            ``_get/_set_main_param_and_optimizer_states`` skip non-tensor
+                            state entries; the torch-Adam ``step`` handling the fixes in
+                            `regate_megatron.optimizer_state` rely on is unchanged.
 unchanged                   ``DotProductAttention`` (constructor and forward),
                             ``CLIPViTModel.__init__``, ``get_num_layers_to_build``, the RNG
-                            tracker functions the CPU bridge wraps, ``DistributedOptimizer``'s
-                            ``sharded_state_dict`` / ``load_state_dict`` /
-                            ``_set_main_param_and_optimizer_states`` /
-                            ``_get_main_param_and_optimizer_states``,
+                            tracker functions the CPU bridge wraps,
                             ``clip_grad_by_total_norm_fp32``, ``Float16Module``,
                             ``OptimizerParamScheduler``, the sequence-parallel mappings,
                             ``initialize_model_parallel`` (only new optional arguments).
@@ -38,13 +43,14 @@ unchanged                   ``DotProductAttention`` (constructor and forward),
 
 The CPU bridge (`regate_megatron.cpu_compat`) needs no version branch: the functions it
 wraps have the same signatures in every supported version, and it is a no-op on CUDA.
+The range itself is enforced by pip (``setup.py``).
 """
 
 from __future__ import annotations
 
 from packaging.version import Version
 
-__all__ = ["SUPPORTED", "mcore_version", "check_mcore_version", "mlp_submodules"]
+__all__ = ["SUPPORTED", "mcore_version", "mlp_submodules"]
 
 SUPPORTED = (Version("0.16.1"), Version("0.20"))  # [lowest, first unsupported)
 
@@ -56,18 +62,6 @@ def mcore_version() -> Version:
     from megatron.core import package_info
 
     return Version(package_info.__version__)
-
-
-def check_mcore_version() -> Version:
-    """The installed version, or a ValueError naming the supported range."""
-    version = mcore_version()
-    low, high = SUPPORTED
-    if not low <= version < high:
-        raise ValueError(
-            f"megatron-core {version} is not supported; install a release in [{low}, {high}) "
-            f"(pip install 'megatron-core>={low},<{high}')"
-        )
-    return version
 
 
 def mlp_submodules(use_te: bool):
