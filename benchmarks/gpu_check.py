@@ -23,12 +23,15 @@ OF_IDEAL_GOAL = 0.9  # routed speedup / FLOP-ideal speedup
 # Metrics of a step that a resumed run must reproduce (tokens/s and timings excluded).
 RESUME_KEYS = ("lm_loss", "grad_norm", "keep_ratio", "kept_target_tokens", "target_tokens", "lr")
 # Resume vs uninterrupted, relative. Bitwise is expected only where every kernel is
-# deterministic; on a GPU flash-attention backward and index_add with repeated indices
-# (the router's pad slots) accumulate with atomics, so two *uninterrupted* runs already
-# differ in the last bits and that drift grows over steps. The tolerance sits well above
-# that noise (bf16, 10 steps) and far below a real resume bug (a lost optimizer step,
-# EMA or RNG state shows up in the first resumed step at the percent level or more).
+# deterministic (so it is on CPU). On a GPU flash-attention backward and index_add with
+# repeated indices (the router's pad slots) accumulate with atomics, so two *uninterrupted*
+# runs already differ in the last bits and that drift grows over steps; the resumed run
+# carries the first run's drift at step 30. So the tolerance is the larger of RESUME_RTOL
+# and RERUN_FACTOR x the drift measured between two uninterrupted runs over steps 1-30: far
+# below a real resume bug (a lost optimizer step, EMA or RNG state changes the first
+# resumed step at the percent level or more).
 RESUME_RTOL = 2e-3
+RERUN_FACTOR = 4.0
 
 
 def cmd_data(work: str) -> None:
@@ -78,8 +81,9 @@ def cmd_resume(first_30: str, resumed: str, straight: str) -> int:
     print(f"resume (steps 31-40, resumed vs uninterrupted): bitwise={bitwise} "
           f"max_rel={diff:.3g} ({at})")
     print(f"eval at step 40 {evals}: max_rel={eval_diff:.3g}")
-    ok = bitwise or (diff <= RESUME_RTOL and eval_diff <= RESUME_RTOL)
-    how = "bitwise" if bitwise else f"within rtol {RESUME_RTOL:g}"
+    tol = max(RESUME_RTOL, RERUN_FACTOR * rerun) if math.isfinite(rerun) else RESUME_RTOL
+    ok = bitwise or (diff <= tol and eval_diff <= tol)
+    how = "bitwise" if bitwise else f"within rtol {tol:.3g}"
     print(f"resume_equals_uninterrupted={int(ok)} ({how if ok else 'NO'}) "
           f"resume_max_rel={diff:.3g} rerun_max_rel={rerun:.3g}")
     return 0 if ok else 1
@@ -109,9 +113,10 @@ def cmd_summary(work: str) -> int:
     goals_met = bool(benches)
     if benches:
         head = "".join(f"{'mcore ' + r['mcore']:>34}" for r in benches)
-        print(f"\nrouter benchmark ({benches[0]['device']}, {'bf16' if benches[0]['bf16'] else 'fp32'}, "
-              f"{benches[0]['layers']} layers x hidden {benches[0]['hidden']}, seq {benches[0]['seq']}, "
-              f"micro-batch {benches[0]['batch']})")
+        first = benches[0]
+        print(f"\nrouter benchmark ({first['device']}, {'bf16' if first['bf16'] else 'fp32'}, "
+              f"{first['layers']} layers x hidden {first['hidden']}, seq {first['seq']}, "
+              f"micro-batch {first['batch']})")
         print(f"{'':<14}{head}")
         print(f"{'variant':<14}" + "".join(
             f"{'ms':>7}{'speedup':>8}{'ideal':>7}{'of-id':>6}{'GiB':>6}" for _ in benches))

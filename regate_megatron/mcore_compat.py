@@ -58,10 +58,11 @@ _MLP_BUILDER = Version("0.18")  # get_mlp_module_spec returns a partial from her
 
 
 def mcore_version() -> Version:
-    """The installed Megatron-Core's version."""
+    """The installed Megatron-Core's release (0.19's ``package_info`` appends the git commit
+    of whatever repository encloses the package, e.g. ``0.19.2+4fbd753``: dropped)."""
     from megatron.core import package_info
 
-    return Version(package_info.__version__)
+    return Version(Version(package_info.__version__).public)
 
 
 def mlp_submodules(use_te: bool):
