@@ -325,7 +325,8 @@ def apply_cpu_compat() -> bool:
     Patches, each measured to be needed (see the comment at each):
 
     * ``torch.cuda.current_device`` -> the CPU device; ``torch.cuda.synchronize``
-      -> no-op; ``torch.cuda.current_stream`` -> a stream whose waits are no-ops; ``Tensor.cuda`` -> stays on CPU; ``torch.zeros/ones/tensor`` map
+      -> no-op; ``torch.cuda.current_stream`` -> a stream whose waits are no-ops;
+      ``Tensor.cuda`` -> stays on CPU; ``torch.zeros/ones/tensor`` map
       ``device="cuda"`` (only that) to CPU.
     * the RNG tracker (``megatron.core.tensor_parallel.random``) on the CPU
       generator: ``_get/_set_cuda_rng_state``, ``CudaRNGStatesTracker.add``,

@@ -329,11 +329,11 @@ def _phase_gpt() -> dict:
 
 
 def _build_llava(tp: int):
-    from regate_megatron.mcore_compat import mlp_submodules
     from megatron.core.models.multimodal.llava_model import LLaVAModel
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 
     from regate_megatron.local_modules import TorchSDPACoreAttention
+    from regate_megatron.mcore_compat import mlp_submodules
 
     vision_config = tiny_config(tensor_model_parallel_size=tp)
     vision_config.vision_model_type = "clip"
