@@ -8,7 +8,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
-        "megatron-core==0.16.1",
+        # 0.16.1 (Python >= 3.10) to 0.19.x (0.17+ need Python 3.12); CI tests 0.16.1 on CPU,
+        # benchmarks/gpu_check.sh 0.16.1 and the newest 0.19.x on a GPU. API differences:
+        # regate_megatron/mcore_compat.py.
+        "megatron-core>=0.16.1,<0.20",
+        "packaging",
         "numpy",
         "sentencepiece",
         # dist_checkpointing needs psutil but megatron-core does not declare it.

@@ -39,7 +39,7 @@ def main() -> None:
     from regate_megatron.data import ConversationDataset, collate
     from regate_megatron.demo.digits import build_digits_vqa
     from regate_megatron.mllm import build_model
-    from regate_megatron.parallel import destroy_parallel, initialize_parallel
+    from regate_megatron.parallel import destroy_parallel, initialize_parallel, rank_device
     from regate_megatron.precompute import build_parser, build_store
     from regate_megatron.teacher import teacher_inputs
     from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -55,6 +55,7 @@ def main() -> None:
     tokenizer = SentencePieceTokenizer(tok_path)
 
     initialize_parallel(1, 1)
+    device = rank_device()
     args = train_parser().parse_args(MODEL)
     fill_model_defaults(args)
     args.vocab_size = 256
@@ -72,12 +73,14 @@ def main() -> None:
     tokens = sum(int((b.tokens != tokenizer.pad_id).sum()) for b in batches)
 
     def plain_forward() -> float:
-        views = [teacher_inputs(b, pad_id=tokenizer.pad_id, mode="pad") for b in batches]
+        views = [teacher_inputs(b.to(device), pad_id=tokenizer.pad_id, mode="pad") for b in batches]
         start = time.perf_counter()
         with torch.no_grad():
             for v in views:
                 teacher(input_ids=v["input_ids"], position_ids=v["position_ids"],
                         attention_mask=v["attention_mask"], labels=v["labels"])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # sync point: the forwards are done
         return tokens / (time.perf_counter() - start)
 
     def precompute(k: int) -> float:

@@ -7,13 +7,20 @@
 Measures forward+backward+SGD-free step time (median over rounds; variants interleaved
 within each round so drift hits all alike) for: stock GPTModel, ReGateGPTModel at
 rho = 1 (overhead), and at rho in {0.25, 0.5, 0.75} (speedup vs stock) next to the
-FLOP-ideal speedup of the same selection. The last line is machine-readable:
+FLOP-ideal speedup of the same selection, and each variant's peak GPU memory. The last
+line is machine-readable:
 overhead_ratio=<routed rho=1 / stock> speedup_0.5=<dense / routed rho=0.5> ideal_0.5=<FLOP-ideal>
+(`--json PATH` writes every number). Everything runs on this rank's device
+(`regate_megatron.parallel.rank_device`). `--profile PATH` then profiles one step of each
+variant with torch.profiler and writes the top kernels by device time (CPU time on CPU) per
+variant to PATH, printing those of stock and routed rho=0.5: where a speedup below 0.9 x ideal
+goes (gather/scatter, padding, attention kernels, host syncs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -39,18 +46,23 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--target-fraction", type=float, default=0.75,
-                   help="share of each sequence that is target (answer) tokens; the rest is context")
+                   help="share of each sequence that is target (answer) tokens; the rest is "
+                        "context")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--json", default=None, help="write every number to this JSON file")
+    p.add_argument("--profile", default=None,
+                   help="profile one step per variant; top kernels per variant to this file")
+    p.add_argument("--profile-top", type=int, default=15, help="kernels listed per variant")
     add_regate_args(p)
     return p.parse_args(argv)
 
 
-def build(args, routed: bool, state=None):
+def build(args, device, routed: bool, state=None):
+    from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import TransformerLayer
-    from megatron.core.models.gpt.gpt_model import GPTModel
 
     from regate_megatron.model import ReGateGPTModel
     from regate_megatron.spec import get_regate_decoder_block_spec
@@ -60,7 +72,7 @@ def build(args, routed: bool, state=None):
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
         num_attention_heads=args.num_attention_heads, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=dtype, bf16=args.bf16,
+        use_cpu_initialization=device.type == "cpu", params_dtype=dtype, bf16=args.bf16,
     )
     spec = get_regate_decoder_block_spec(
         config, **({} if routed else {"layer_module": TransformerLayer})
@@ -69,9 +81,10 @@ def build(args, routed: bool, state=None):
                   max_sequence_length=args.seq_length, position_embedding_type="rope")
     regate = ReGateConfig.from_args(args)
     model = ReGateGPTModel(regate_config=regate, **kwargs) if routed else GPTModel(**kwargs)
+    model = model.to(device)  # on GPU it was built there (current device = rank_device)
     if state is not None:
         model.load_state_dict(state)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model
 
 
 def flops(args, keep_per_sample, out_rows) -> float:
@@ -85,12 +98,34 @@ def flops(args, keep_per_sample, out_rows) -> float:
     return 3 * total
 
 
+def profile_variants(variants, step, device, path, top, show=("stock", "routed_0.5")):
+    """One profiled step per variant; the top kernels by device (or CPU) time of each go to
+    `path`, those of `show` to stdout too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as out:
+        for name, (model, selection) in variants.items():
+            with profile(activities=activities) as prof:
+                step(model, selection)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            table = prof.key_averages().table(sort_by=sort_by, row_limit=top)
+            out.write(f"=== {name} (sorted by {sort_by})\n{table}\n")
+            if name in show:
+                print(f"=== profile {name}: top {top} by {sort_by}\n{table}", flush=True)
+    print(f"profile written to {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    from regate_megatron.parallel import initialize_parallel
+    from regate_megatron.mcore_compat import mcore_version
+    from regate_megatron.parallel import initialize_parallel, rank_device
 
     initialize_parallel()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = rank_device()
+    cuda = device.type == "cuda"
     b, s = args.micro_batch_size, args.seq_length
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (b, s), generator=g).to(device)
@@ -101,37 +136,46 @@ def main(argv=None):
     targets[:, context:] = True
     scores = torch.rand(b, s, generator=g)
 
-    stock = build(args, routed=False)
-    routed = build(args, routed=True, state=stock.state_dict())
+    stock = build(args, device, routed=False)
+    routed = build(args, device, routed=True, state=stock.state_dict())
     selections = {r: select_top_targets(scores, targets, r).to(device) for r in (1.0,) + RATIOS}
+    dense_mask = targets.to(device)
 
     def step(model, selection):
         kw = {} if selection is None else {"token_selection": selection}
         loss = model(tokens, pos, None, labels=labels, **kw)
-        mask = targets.to(device) if selection is None else selection.computed_loss_mask()
+        mask = dense_mask if selection is None else selection.computed_loss_mask()
         (loss * mask).sum().div(mask.sum()).backward()
         model.zero_grad(set_to_none=True)
 
     variants = {"stock": (stock, None), "routed_1.0": (routed, selections[1.0])}
     variants.update({f"routed_{r}": (routed, selections[r]) for r in RATIOS})
     times = {name: [] for name in variants}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    peak = {name: 0 for name in variants}
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     for i in range(args.warmup + args.rounds):
         for name, (model, selection) in variants.items():
             sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             step(model, selection)
             sync()  # sync point: the step is done before the clock stops
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+            if cuda:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
     med = {name: statistics.median(t) for name, t in times.items()}
 
     dense_flops = flops(args, [s] * b, b * s)
-    print(f"device={device} dtype={'bf16' if args.bf16 else 'fp32'} layers={args.num_layers} "
-          f"hidden={args.hidden_size} seq={s} batch={b} targets/seq={args.target_fraction:.2f} "
-          f"span={routed.token_router.span} rounds={args.rounds}")
-    print(f"{'variant':<14}{'step ms':>10}{'kept tok':>10}{'speedup':>10}{'ideal':>10}{'of ideal':>10}")
-    ideal = {}
+    version = str(mcore_version())
+    print(f"device={device} dtype={'bf16' if args.bf16 else 'fp32'} mcore={version} "
+          f"layers={args.num_layers} hidden={args.hidden_size} seq={s} batch={b} "
+          f"targets/seq={args.target_fraction:.2f} span={routed.token_router.span} "
+          f"pad={routed.token_router.pad_multiple_for()} rounds={args.rounds}")
+    print(f"{'variant':<14}{'step ms':>10}{'kept tok':>10}{'speedup':>10}{'ideal':>10}"
+          f"{'of ideal':>10}{'peak GiB':>10}")
+    ideal, rows = {}, {}
     for name in variants:
         sel = variants[name][1]
         if sel is None or sel.is_dense:  # a dense selection runs the stock model
@@ -140,9 +184,22 @@ def main(argv=None):
             kept = int(sel.num_kept.sum())
             ideal[name] = dense_flops / flops(args, sel.num_kept.tolist(), sel.num_targets()[1])
         speed = med["stock"] / med[name]
+        mem = f"{peak[name] / 2**30:>10.2f}" if cuda else f"{'-':>10}"
         print(f"{name:<14}{med[name] * 1e3:>10.1f}{kept:>10d}{speed:>10.3f}{ideal[name]:>10.3f}"
-              f"{speed / ideal[name]:>10.3f}")
-    print(f"overhead_ratio={med['routed_1.0'] / med['stock']:.4f} "
+              f"{speed / ideal[name]:>10.3f}{mem}")
+        rows[name] = dict(step_ms=med[name] * 1e3, kept_tokens=kept, speedup=speed,
+                          ideal=ideal[name], of_ideal=speed / ideal[name],
+                          peak_gib=peak[name] / 2**30 if cuda else None)
+    overhead = med["routed_1.0"] / med["stock"]
+    result = dict(device=str(device), mcore=version, bf16=args.bf16, seq=s, batch=b,
+                  layers=args.num_layers, hidden=args.hidden_size, overhead_ratio=overhead,
+                  variants=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.profile:
+        profile_variants(variants, step, device, args.profile, args.profile_top)
+    print(f"overhead_ratio={overhead:.4f} "
           f"speedup_0.5={med['stock'] / med['routed_0.5']:.4f} ideal_0.5={ideal['routed_0.5']:.4f}")
 
 

@@ -41,7 +41,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-from regate_megatron.cpu_compat import (
+from regate_megatron.optimizer_state import (
     distributed_optimizer_sharded_state_dict,
     fix_optimizer_step_after_load,
     load_distributed_optimizer_state,

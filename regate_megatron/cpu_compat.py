@@ -1,4 +1,4 @@
-"""Run Megatron-Core 0.16.1 on CPU with the gloo backend.
+"""Run Megatron-Core (0.16.1 to 0.19.x) on CPU with the gloo backend.
 
 Two parts:
 
@@ -9,11 +9,14 @@ Two parts:
   nothing at all. Every patch wraps the original (kept as ``__wrapped__``),
   carries the :data:`PATCH_MARKER` attribute so a second call is a no-op, and
   says in a comment what broke without it.
-* Guards for the ways Megatron-Core on gloo gives *silently wrong* results or
-  fails late: :func:`guard_pipeline_p2p`, :func:`check_distrib_optim_sharding`,
-  :func:`load_distributed_optimizer_state` and
-  :func:`fix_optimizer_step_after_load`. These are plain functions, not patches;
-  the caller decides where they run.
+* :func:`guard_pipeline_p2p`, a guard for a way Megatron-Core on gloo gives
+  *silently wrong* results (a plain function, not a patch; the caller decides where
+  it runs).
+
+This module is the CPU bridge only. The distributed-optimizer checkpoint fixes, which
+apply on GPUs too, live in `regate_megatron.optimizer_state`. The functions patched here
+have the same signatures in every supported Megatron-Core (0.16.1 to 0.19.x; see
+`regate_megatron.mcore_compat`), so nothing here depends on the version.
 """
 
 import contextlib
@@ -27,19 +30,12 @@ __all__ = [
     "PATCH_MARKER",
     "apply_cpu_compat",
     "guard_pipeline_p2p",
-    "check_distrib_optim_sharding",
-    "distributed_optimizer_sharded_state_dict",
-    "load_distributed_optimizer_state",
-    "fix_optimizer_step_after_load",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Attribute set (to True) on every function/object this module installs.
 PATCH_MARKER = "_regate_cpu_compat"
-
-# Distributed-optimizer sharding types that save and resume correctly in 0.16.1.
-_WORKING_DISTRIB_OPTIM_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 
 
 # --------------------------------------------------------------------------------------
@@ -100,6 +96,30 @@ def _patch_torch_cuda_device_queries() -> None:
     # `torch.cuda.synchronize()` is called after every batched p2p exchange
     # (batch_p2p_sync) and in dist_checkpointing save; CPU ops are synchronous.
     _install(torch.cuda, "synchronize", lambda original: lambda device=None: None)
+
+    # From Megatron-Core 0.17, DDP's grad sync (`_ParamAndGradBucketGroup.start_grad_sync`,
+    # every step with DP > 1) waits on `torch.cuda.current_stream()` for CUDA-graph events;
+    # on a CPU-only torch that raises "Found no NVIDIA driver". CPU work has one implicit
+    # stream: answer a stand-in whose waits are no-ops (no version branch: 0.16.1 never
+    # calls it there, and every caller would otherwise crash).
+    _install(torch.cuda, "current_stream", lambda original: lambda device=None: _CPU_STREAM)
+
+
+class _CpuStream:
+    """What `torch.cuda.current_stream()` answers on CPU: CPU ops are synchronous, so
+    waiting on an event or another stream is a no-op."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
 
 
 def _patch_tensor_cuda() -> None:
@@ -305,7 +325,8 @@ def apply_cpu_compat() -> bool:
     Patches, each measured to be needed (see the comment at each):
 
     * ``torch.cuda.current_device`` -> the CPU device; ``torch.cuda.synchronize``
-      -> no-op; ``Tensor.cuda`` -> stays on CPU; ``torch.zeros/ones/tensor`` map
+      -> no-op; ``torch.cuda.current_stream`` -> a stream whose waits are no-ops;
+      ``Tensor.cuda`` -> stays on CPU; ``torch.zeros/ones/tensor`` map
       ``device="cuda"`` (only that) to CPU.
     * the RNG tracker (``megatron.core.tensor_parallel.random``) on the CPU
       generator: ``_get/_set_cuda_rng_state``, ``CudaRNGStatesTracker.add``,
@@ -373,151 +394,3 @@ def guard_pipeline_p2p(
         "silently swaps activations and gradients between stages; set batch_p2p_comm=False."
     )
     return True
-
-
-def check_distrib_optim_sharding(sharding_type: str) -> None:
-    """Refuse distributed-optimizer sharding types that cannot be checkpointed in 0.16.1.
-
-    ``fully_sharded_model_space`` (Megatron's default) fails at save time with
-    "ShardedTensor.flattened_range is not supported".
-    """
-    if sharding_type not in _WORKING_DISTRIB_OPTIM_SHARDINGS:
-        raise ValueError(
-            f"distrib_optim_sharding_type={sharding_type!r} cannot be saved by "
-            f"Megatron-Core 0.16.1 dist_checkpointing; use 'dp_reshardable' or "
-            f"'fully_reshardable'."
-        )
-
-
-def distributed_optimizer_sharded_state_dict(
-    optimizer: Any,
-    model_sharded_state_dict: dict,
-    sharding_type: str,
-    is_loading: bool = False,
-) -> dict:
-    """``optimizer.sharded_state_dict(...)`` for a distributed optimizer, save or load side.
-
-    Checks ``sharding_type`` (:func:`check_distrib_optim_sharding`) and passes
-    it as ``metadata["distrib_optim_sharding_type"]``. For loading into an
-    optimizer that has not stepped yet, it first allocates the torch Adam state
-    (``step`` = 0 and zero moments, one tensor per parameter): without torch
-    Adam state, ``DistributedOptimizer.state_dict()`` fails its ``len(steps) == 1``
-    assertion (no TE/Apex FusedAdam, which keeps ``step`` in the param groups).
-    The loaded values overwrite this state in :func:`load_distributed_optimizer_state`.
-    """
-    check_distrib_optim_sharding(sharding_type)
-    if is_loading:
-        for inner in _inner_torch_optimizers(optimizer):
-            _allocate_adam_state(inner)
-    return optimizer.sharded_state_dict(
-        model_sharded_state_dict,
-        is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": sharding_type},
-    )
-
-
-def load_distributed_optimizer_state(optimizer: Any, state_dict: dict) -> None:
-    """Load a distributed-optimizer state dict (from ``dist_checkpointing.load``) correctly.
-
-    ``optimizer.load_state_dict(state_dict)`` with three fixes for torch Adam
-    (no TE/Apex) in Megatron-Core 0.16.1:
-
-    * ``step`` is restored from the param groups, but the per-parameter copy that
-      follows indexes every destination state key: ``fully_reshardable`` has no
-      ``step`` there -> ``KeyError: 'step'``; ``dp_reshardable`` has the *load
-      side's* stale step (a ``LocalNonpersistentObject``) and would silently
-      reset the step to it. The restored ``step`` is kept.
-    * ``dp_reshardable``: the copy into the fp32 main parameter (a view of the
-      model parameter, a leaf that requires grad) runs with grad enabled ->
-      "a view of a leaf Variable that requires grad is being used in an in-place
-      operation". The copy runs under ``torch.no_grad()``.
-    * both: afterwards every parameter shares one ``step`` tensor, which Adam
-      increments once per parameter (silently wrong bias correction);
-      :func:`fix_optimizer_step_after_load` gives each its own.
-
-    The first two are fixed by wrapping ``_set_main_param_and_optimizer_states``
-    on the optimizer instances for the duration of this call only.
-    """
-    dist_optimizers = _distributed_optimizers(optimizer)
-    for dist_opt in dist_optimizers:
-        dist_opt._set_main_param_and_optimizer_states = _set_states_keeping_step(dist_opt)
-    try:
-        optimizer.load_state_dict(state_dict)
-    finally:
-        for dist_opt in dist_optimizers:
-            del dist_opt._set_main_param_and_optimizer_states  # back to the class method
-    fix_optimizer_step_after_load(optimizer)
-
-
-def fix_optimizer_step_after_load(optimizer: Any) -> int:
-    """Give every parameter its own torch Adam ``step`` tensor; returns how many were shared.
-
-    ``DistributedOptimizer.load_state_dict`` assigns one ``step`` tensor to all
-    parameters' states. torch Adam increments ``state["step"]`` in place once
-    per parameter, so after one update the shared step has advanced by the
-    number of parameters and the bias correction is wrong -- with no error.
-    Call after any distributed-optimizer load (done by
-    :func:`load_distributed_optimizer_state`); a no-op when nothing is shared.
-    """
-    fixed = 0
-    seen: set[int] = set()
-    for inner in _inner_torch_optimizers(optimizer):
-        for state in inner.state.values():
-            step = state.get("step")
-            if not isinstance(step, torch.Tensor):
-                continue
-            if id(step) in seen:
-                state["step"] = step.detach().clone()
-                fixed += 1
-            seen.add(id(state["step"]))
-    return fixed
-
-
-def _set_states_keeping_step(dist_opt: Any) -> Callable:
-    """``dist_opt._set_main_param_and_optimizer_states`` without grad and keeping ``step``."""
-    original = type(dist_opt)._set_main_param_and_optimizer_states.__get__(dist_opt)
-
-    def set_states(model_param, tensors):
-        current = dist_opt._get_main_param_and_optimizer_states(model_param)
-        if "step" in current:
-            # The step was restored from the param groups just before; the loaded
-            # parameter state has none (fully_reshardable) or a stale local one
-            # (dp_reshardable keeps `step` as a LocalNonpersistentObject).
-            tensors = {**tensors, "step": current["step"]}
-        with torch.no_grad():
-            original(model_param, tensors)
-
-    return set_states
-
-
-def _allocate_adam_state(inner: torch.optim.Optimizer) -> None:
-    """Allocate torch Adam/AdamW state (step 0, zero moments) where it is missing."""
-    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-        return
-    for group in inner.param_groups:
-        for param in group["params"]:
-            state = inner.state[param]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def _distributed_optimizers(optimizer: Any) -> list:
-    """The DistributedOptimizer instances inside a Megatron (chained) optimizer."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [sub for sub in subs if isinstance(sub, DistributedOptimizer)]
-
-
-def _inner_torch_optimizers(optimizer: Any) -> list:
-    """The torch.optim optimizers inside a Megatron (chained) optimizer."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return [optimizer]
-    if hasattr(optimizer, "chained_optimizers"):
-        return [
-            inner for sub in optimizer.chained_optimizers for inner in _inner_torch_optimizers(sub)
-        ]
-    inner = getattr(optimizer, "optimizer", None)
-    return [inner] if isinstance(inner, torch.optim.Optimizer) else []

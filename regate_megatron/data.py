@@ -42,6 +42,7 @@ interpolation (antialiased) to ``image_size`` and normalised to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -119,6 +120,14 @@ class Batch:
     loss_mask: torch.Tensor
     images: torch.Tensor
     num_images: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The same batch with every tensor on ``device``: the one way a batch reaches the
+        model's device (`regate_megatron.parallel.rank_device`)."""
+        return Batch(**{
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+        })
 
 
 def _image_size(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from regate_megatron.data import IGNORE_INDEX, collate
+from regate_megatron.parallel import collective_device
 
 __all__ = ["evaluate", "answers_match"]
 
@@ -35,7 +36,7 @@ def _forward_only(run, batch, *, with_labels: bool) -> list:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, model):
-        inputs, text_mask = run.model_inputs(next(data_iterator))
+        inputs, text_mask = run.model_inputs(next(data_iterator).to(run.device))
         if not with_labels:
             inputs["labels"] = None
             # Decoding needs full-vocabulary logits on every TP rank; the loss path must keep
@@ -80,7 +81,7 @@ def _greedy_decode(run, samples) -> List[List[int]]:
             break
         batch = dataclasses.replace(base, tokens=tokens, **blank)
         out = _forward_only(run, batch, with_labels=False)
-        nxt = torch.zeros(len(samples), dtype=torch.long)
+        nxt = torch.zeros(len(samples), dtype=torch.long, device=collective_device())
         if ps.is_pipeline_last_stage():
             logits = out[0]["logits"]  # [b, s, V]
             for i, n in enumerate(lengths):
@@ -122,12 +123,13 @@ def evaluate(run) -> dict:
         out = _forward_only(run, batch, with_labels=True)
         if last_tp0:
             for item in out:
-                stats[:2] += item["loss"].double()
+                stats[:2] += item["loss"].double().cpu()
         generated = _greedy_decode(run, samples)
         if first_tp0:
             for sample, ids in zip(samples, generated):
                 stats[2] += float(answers_match(run.tokenizer.decode(ids), sample.answer))
                 stats[3] += 1
+    stats = stats.to(collective_device())
     dist.all_reduce(stats)  # sync point
     for chunk in run.model:
         chunk.train()

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from regate_megatron.parallel import rank_device
+from regate_megatron.parallel import collective_device
 
 __all__ = [
     "NonFiniteError",
@@ -63,7 +63,7 @@ def check_step_finite(
     # payload: [loss sum, computed targets, non-finite loss, non-finite grads, flag per slot];
     # a NaN loss sum stays in its own entry (an element-wise sum), the flags stay exact. It
     # lives on this rank's device (NCCL reduces device tensors); one host sync at the end.
-    device = rank_device()
+    device = collective_device(group)
     payload = torch.zeros(4 + len(global_ids), dtype=torch.float64, device=device)
     if contributes:
         slot = slot_offset
@@ -110,9 +110,10 @@ def check_params_finite(model_chunks: Sequence[torch.nn.Module], iteration: int,
                         group: Optional[dist.ProcessGroup] = None) -> None:
     """Refuse (on every rank) to checkpoint parameters that hold a NaN/inf."""
     named = [(name, p) for chunk in model_chunks for name, p in chunk.named_parameters()]
-    not_finite = [(~torch.isfinite(p.detach()).all()).to(rank_device()) for _, p in named]
+    device = collective_device(group)
+    not_finite = [(~torch.isfinite(p.detach()).all()).to(device) for _, p in named]
     flag = (torch.stack(not_finite).sum() if not_finite
-            else torch.zeros((), device=rank_device())).to(torch.float64).reshape(1)
+            else torch.zeros((), device=device)).to(torch.float64).reshape(1)
     dist.all_reduce(flag, group=group)  # sync point: all ranks save or none does
     flag = flag.cpu()
     if float(flag[0]) > 0:

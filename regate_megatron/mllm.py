@@ -77,9 +77,10 @@ def llava_inputs(batch: Batch, image_tokens: int, dtype: torch.dtype = torch.flo
     first = visual & ((count - run_start - 1) % image_tokens == 0)
     keep = ~visual | first
     text_len = s - int(batch.num_images.min()) * (image_tokens - 1)
-    input_ids = torch.zeros(b, text_len, dtype=tokens.dtype)
-    text_labels = torch.full((b, text_len), IGNORE_INDEX, dtype=labels.dtype)
-    text_mask = torch.zeros(b, text_len, dtype=loss_mask.dtype)
+    device = tokens.device  # the batch's: `Batch.to` put it on the model's device
+    input_ids = torch.zeros(b, text_len, dtype=tokens.dtype, device=device)
+    text_labels = torch.full((b, text_len), IGNORE_INDEX, dtype=labels.dtype, device=device)
+    text_mask = torch.zeros(b, text_len, dtype=loss_mask.dtype, device=device)
     for i in range(b):
         row = keep[i].nonzero().squeeze(1)[:text_len]  # [n_i] kept positions
         n = row.numel()
@@ -89,7 +90,7 @@ def llava_inputs(batch: Batch, image_tokens: int, dtype: torch.dtype = torch.flo
         # position just before the next text token, i.e. of that token's last slot.
         nxt = torch.cat([row[1:], row.new_tensor([s])]) - 1  # [n_i]
         text_labels[i, :n] = labels[i, nxt]
-    position_ids = torch.arange(text_len).unsqueeze(0).expand(b, -1)
+    position_ids = torch.arange(text_len, device=device).unsqueeze(0).expand(b, -1)
     return dict(
         images=batch.images.to(dtype),  # the vision encoder's parameter dtype (--bf16)
         input_ids=input_ids,
@@ -97,7 +98,7 @@ def llava_inputs(batch: Batch, image_tokens: int, dtype: torch.dtype = torch.flo
         attention_mask=None,
         labels=text_labels,
         loss_mask=text_mask,
-        num_image_tiles=torch.ones(batch.images.shape[0], dtype=torch.int),
+        num_image_tiles=torch.ones(batch.images.shape[0], dtype=torch.int, device=device),
     )
 
 
@@ -118,7 +119,7 @@ def _vision_layer_spec(backend: str):
 def llava_kwargs(args: argparse.Namespace, vocab_size: int, config, layer_spec, backend: str,
                  common: dict) -> dict:
     """Constructor arguments of Megatron-Core's `LLaVAModel` for these flags."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
+    from regate_megatron.mcore_compat import mlp_submodules
 
     return dict(
         language_transformer_config=config,
@@ -129,7 +130,7 @@ def llava_kwargs(args: argparse.Namespace, vocab_size: int, config, layer_spec, 
         vision_transformer_layer_spec=_vision_layer_spec(backend),
         drop_vision_class_token=True,
         vision_projection_config=projection_config(args),
-        vision_projection_layer_spec=get_mlp_module_spec(use_te=backend == "te").submodules,
+        vision_projection_layer_spec=mlp_submodules(use_te=backend == "te"),
         language_position_embedding_type=args.position_embedding_type,
         language_rotary_base=args.rotary_base,
         add_encoder=common["pre_process"],

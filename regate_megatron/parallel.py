@@ -32,6 +32,7 @@ __all__ = [
     "launch_env",
     "first_slurm_host",
     "rank_device",
+    "collective_device",
     "initialize_parallel",
     "destroy_parallel",
     "run_tool",
@@ -99,6 +100,14 @@ def rank_device(local_rank: Optional[int] = None) -> torch.device:
     if local_rank is None:
         local_rank = launch_env().local_rank
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a collective over ``group`` runs: this rank's device with NCCL (which moves
+    only CUDA tensors), the CPU with gloo."""
+    if dist.get_backend(group) == "nccl":
+        return rank_device()
+    return torch.device("cpu")
 
 
 def _free_port() -> int:

@@ -120,7 +120,7 @@ def build_store(args: argparse.Namespace) -> dict:
     """Build (or finish) the store; returns rank 0's numbers: teacher tokens and seconds of
     the build loop (batching, teacher view, forward, shard writes, final merge)."""
     from regate_megatron.data import ConversationDataset, collate
-    from regate_megatron.parallel import initialize_parallel
+    from regate_megatron.parallel import initialize_parallel, rank_device
     from regate_megatron.ref_store import StoreBuilder
     from regate_megatron.tokenizer import SentencePieceTokenizer
 
@@ -133,6 +133,7 @@ def build_store(args: argparse.Namespace) -> dict:
         skip_bad_samples=args.skip_bad_samples, load_images=False,  # the teacher sees no pixels
     )
     initialize_parallel(1, 1)
+    device = rank_device()  # the teacher's; every batch goes there with Batch.to
     rank, world = dist.get_rank(), dist.get_world_size()
     model, teacher_name = load_teacher(args.load, architecture)
     meta = dict(teacher=teacher_name, tokenizer_sha256=tokenizer.sha256,
@@ -165,7 +166,7 @@ def build_store(args: argparse.Namespace) -> dict:
         if ids is None:  # the shard is complete: write it (skipped records have no targets)
             builder.write_shard(shard, [values.pop(i, []) for i in shard])
             continue
-        for i, losses in zip(ids, teacher_losses(model, batch, tokenizer.pad_id,
+        for i, losses in zip(ids, teacher_losses(model, batch.to(device), tokenizer.pad_id,
                                                  args.regate_teacher_visual)):
             values[i] = losses
         tokens += int((batch.tokens != tokenizer.pad_id).sum())

@@ -101,12 +101,12 @@ class EarlyStop:
         elif duration is not None and (time.monotonic() - self.start) / 60.0 > duration:
             code = 1
         if self.signals or duration is not None:
-            from regate_megatron.parallel import rank_device
+            from regate_megatron.parallel import collective_device
 
-            flag = torch.tensor([code], dtype=torch.int32, device=rank_device())  # NCCL: on GPU
             if dist.is_initialized():
+                flag = torch.tensor([code], dtype=torch.int32, device=collective_device())
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # sync point: all ranks agree
-            code = int(flag.item())
+                code = int(flag.item())
         if code > 1:
             self.reason, self.received = "signal", signal.Signals(code).name
         elif code == 1:

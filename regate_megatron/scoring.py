@@ -245,11 +245,9 @@ class EmaTable:
     def _all_reduce(self, payload: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             return payload
-        if dist.get_backend(self.group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        buffer = payload.to(device)
+        from regate_megatron.parallel import collective_device
+
+        buffer = payload.to(collective_device(self.group))
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         return buffer.cpu()
 

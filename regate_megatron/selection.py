@@ -103,8 +103,17 @@ class TokenSelection:
         """Every position kept."""
         return cls.from_keep_mask(torch.ones_like(target_mask, dtype=torch.bool), target_mask)
 
-    def to(self, device) -> "TokenSelection":
-        return TokenSelection(self.keep_index.to(device), self.target_mask.to(device))
+    def to(self, device, non_blocking: bool = False) -> "TokenSelection":
+        """The same selection on ``device``: the one way a selection reaches the model's
+        device. Not re-validated (no host sync on a GPU); `is_dense` carries over."""
+        device = torch.device(device)
+        if self.keep_index.device == device and self.target_mask.device == device:
+            return self
+        moved = object.__new__(TokenSelection)
+        moved.keep_index = self.keep_index.to(device, non_blocking=non_blocking)
+        moved.target_mask = self.target_mask.to(device, non_blocking=non_blocking)
+        moved._cache = {k: v for k, v in self._cache.items() if k == "is_dense"}
+        return moved
 
     # ------------------------------------------------------------------ properties
     @property
@@ -213,14 +222,19 @@ def select_top_targets(
 
 
 def broadcast_selections(
-    selections: Optional[List[TokenSelection]], group=None, src_rank_in_group: int = 0
+    selections: Optional[List[TokenSelection]], group=None, src_rank_in_group: int = 0,
+    device=None,
 ) -> List[TokenSelection]:
     """Ship the selections of all micro-batches of a step from one rank to its group.
 
     Call it once per step, before the pipeline schedule runs (a collective inside
     forward_step would deadlock 1F1B: stages run a micro-batch at different times).
     The source rank passes its list; every other rank passes None. Three collectives.
+    Every rank, the source included, gets selections on ``device`` (default: the
+    collective's device, i.e. this rank's GPU with NCCL, the CPU with gloo).
     """
+    from regate_megatron.parallel import collective_device
+
     rank = dist.get_rank(group)
     is_src = rank == src_rank_in_group
     if is_src == (selections is None):
@@ -228,30 +242,31 @@ def broadcast_selections(
             "broadcast_selections: the source rank must pass its selections and the "
             "other ranks None"
         )
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    comm = collective_device(group)
+    device = comm if device is None else torch.device(device)
     src = dist.get_global_rank(group, src_rank_in_group) if group is not None else src_rank_in_group
     # Sync point: header (count, then b, s, L per micro-batch), then one flat payload.
-    count = torch.tensor([len(selections) if is_src else 0], dtype=torch.long, device=device)
+    count = torch.tensor([len(selections) if is_src else 0], dtype=torch.long, device=comm)
     dist.broadcast(count, src, group=group)
-    header = torch.zeros(int(count), 3, dtype=torch.long, device=device)
+    header = torch.zeros(int(count), 3, dtype=torch.long, device=comm)
     if is_src:
         header.copy_(torch.tensor(
             [[sel.batch_size, sel.seq_length, sel.keep_index.shape[1]] for sel in selections]
         ))
     dist.broadcast(header, src, group=group)
     sizes = [int(b * width + b * s) for b, s, width in header.tolist()]
-    payload = torch.empty(sum(sizes), dtype=torch.long, device=device)
+    payload = torch.empty(sum(sizes), dtype=torch.long, device=comm)
     if is_src:
         payload.copy_(torch.cat([
-            torch.cat([sel.keep_index.reshape(-1), sel.target_mask.long().reshape(-1)]).to(device)
+            torch.cat([sel.keep_index.reshape(-1), sel.target_mask.long().reshape(-1)]).to(comm)
             for sel in selections
         ]) if selections else payload)
     dist.broadcast(payload, src, group=group)
     if is_src:
-        return selections
+        return [sel.to(device) for sel in selections]
     out = []
-    for (b, s, width), chunk in zip(header.tolist(), payload.split(sizes)):
+    for (b, s, width), chunk in zip(header.tolist(), payload.split(sizes), strict=True):
         keep_index = chunk[: b * width].view(b, width)
         target_mask = chunk[b * width:].view(b, s).bool()
-        out.append(TokenSelection(keep_index.clone(), target_mask.clone()))
+        out.append(TokenSelection(keep_index.clone(), target_mask.clone()).to(device))
     return out

@@ -38,7 +38,9 @@ from regate_megatron.arguments import model_args_dict, optimizer_config, parse_a
 from regate_megatron.data import ConversationDataset, collate
 from regate_megatron.guard import check_grad_norm_finite, check_step_finite
 from regate_megatron.mllm import build_model, llava_inputs, num_image_tokens
-from regate_megatron.parallel import initialize_parallel, launch_env, run_tool
+from regate_megatron.parallel import (
+    collective_device, initialize_parallel, launch_env, rank_device, run_tool,
+)
 from regate_megatron.preemption import EarlyStop
 from regate_megatron.resume import decay_horizon, run_state
 from regate_megatron.sampler import batch_positions, local_microbatch_positions
@@ -81,7 +83,7 @@ class Run:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from regate_megatron.checkpoint import has_checkpoint
-        from regate_megatron.cpu_compat import check_distrib_optim_sharding
+        from regate_megatron.optimizer_state import check_distrib_optim_sharding
 
         args = self.args
         # --load = --save with no checkpoint there yet is a first run (Megatron-LM's rule; the
@@ -122,6 +124,7 @@ class Run:
                             seed=args.seed,
                             timeout_s=60.0 * (getattr(args, "distributed_timeout_minutes", None)
                                               or 10))  # Megatron-LM's default: 10 min
+        self.device = rank_device()  # where this rank's model, batches and selections live
         torch.manual_seed(args.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         for note in notes:
@@ -279,6 +282,7 @@ class Run:
         """Megatron `forward_step_func`: one micro-batch forward; the loss function returns
         (loss summed over computed targets, computed target count, reduced stats)."""
         batch, selection = next(data_iterator)
+        batch = batch.to(self.device)  # selections arrive on self.device (broadcast_selections)
         inputs, text_mask = self.model_inputs(batch)
         output = model(**inputs, token_selection=selection)
         if isinstance(output, tuple):
@@ -307,7 +311,7 @@ class Run:
         if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
             selections = [self.scorer.select(b.sample_ids, b.labels, b.loss_mask) for b in batches]
         # Sync point: the model-parallel group receives its first rank's selections.
-        return broadcast_selections(selections, ps.get_model_parallel_group())
+        return broadcast_selections(selections, ps.get_model_parallel_group(), device=self.device)
 
     def train_step(self) -> dict:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -372,6 +376,7 @@ class Run:
                 ], dtype=torch.float64)
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             stats[6] = 1.0
+        stats = stats.to(collective_device())
         dist.all_reduce(stats)  # sync point: every rank learns the global numbers
         loss_sum, computed, targets, kept, layer_tokens, dense_layer_tokens, bad = stats.tolist()
         if bad and args.check_for_nan_in_loss_and_grad:  # the same verdict on every rank

@@ -16,3 +16,9 @@ def megatron_world():
     initialize_parallel()
     yield
     destroy_parallel()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU (benchmarks/gpu_check.sh runs `pytest -m gpu`); "
+        "skipped without one")

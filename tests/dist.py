@@ -52,6 +52,9 @@ def _child(
     # Own process group, so the parent can also kill what this rank starts
     # (dist_checkpointing.save leaves a multiprocessing Manager process running).
     os.setpgid(0, 0)
+    # One device per rank, as torchrun gives it: rank_device() reads LOCAL_RANK (cuda:<rank>
+    # with GPUs; a world larger than the GPU count wraps around, which NCCL refuses).
+    os.environ["LOCAL_RANK"] = str(rank)
     try:
         # The ranks share the machine's cores; one thread each unless there is room.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

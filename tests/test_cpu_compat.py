@@ -2,14 +2,14 @@
 
 Importing torch + megatron costs ~3 s per process, so every check that needs
 Megatron runs inside ONE spawned 2-rank world (``two_rank_world``, module
-scope): it walks through phases (attention, GPT, TP=2, PP=2, distributed
-optimizer), re-initialising Megatron's model-parallel state between them, and
-returns plain numbers that the tests below assert on. Checks that need only
-torch run in the pytest process (whether or not another test patched it);
+scope): it walks through phases (attention, GPT, TP=2, PP=2), re-initialising
+Megatron's model-parallel state between them, and returns plain numbers that the
+tests below assert on. Checks that need only torch run in the pytest process (whether or not another test patched it);
 the import/idempotence check runs in a fresh interpreter.
 
 With CUDA, apply_cpu_compat is a no-op and worlds would use NCCL, so the
-CPU/gloo tests skip there.
+CPU/gloo tests skip there. The distributed-optimizer checkpoint fixes, which apply on GPUs
+too, are tested in tests/test_optimizer_state.py.
 """
 
 import os
@@ -23,17 +23,12 @@ import pytest
 import torch
 
 from dist import WorldError, run_world
-from regate_megatron.cpu_compat import (
-    check_distrib_optim_sharding,
-    fix_optimizer_step_after_load,
-    guard_pipeline_p2p,
-)
+from regate_megatron.cpu_compat import guard_pipeline_p2p
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEQ, MBS, VOCAB, HIDDEN, HEADS = 8, 2, 64, 16, 4
 SEED = 1234
-SHARDINGS = ("fully_reshardable", "dp_reshardable")
 
 cpu_gloo_only = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU/gloo compatibility: a no-op with CUDA"
@@ -334,11 +329,11 @@ def _phase_gpt() -> dict:
 
 
 def _build_llava(tp: int):
-    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 
     from regate_megatron.local_modules import TorchSDPACoreAttention
+    from regate_megatron.mcore_compat import mlp_submodules
 
     vision_config = tiny_config(tensor_model_parallel_size=tp)
     vision_config.vision_model_type = "clip"
@@ -355,7 +350,7 @@ def _build_llava(tp: int):
         vision_spec,
         drop_vision_class_token=False,
         vision_projection_config=projection_config,
-        vision_projection_layer_spec=get_mlp_module_spec(use_te=False).submodules,
+        vision_projection_layer_spec=mlp_submodules(use_te=False),
         img_h=16,
         img_w=16,
         patch_dim=8,
@@ -556,127 +551,12 @@ def _phase_pipeline() -> dict:
     return out
 
 
-def _build_dist_opt_model(seed: int):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    config = tiny_config()
-    config.finalize_model_grads_func = finalize_model_grads
-    model = build_gpt(config, seed=seed)
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=True), model
-    )
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True, clip_grad=1.0),
-        [ddp],
-    )
-    return ddp, optimizer
-
-
-def _train_step(ddp, optimizer, step: int) -> None:
-    import torch.distributed as dist
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-    get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(token_batches(2, seed=100 * step + dist.get_rank())),  # per DP rank
-        model=[ddp],
-        num_microbatches=2,
-        seq_length=SEQ,
-        micro_batch_size=MBS,
-    )
-    update_successful, _, _ = optimizer.step()
-    assert update_successful
-
-
-def _adam_steps(optimizer) -> list:
-    from regate_megatron.cpu_compat import _inner_torch_optimizers
-
-    return [
-        (id(state["step"]), float(state["step"]))
-        for inner in _inner_torch_optimizers(optimizer)
-        for state in inner.state.values()
-    ]
-
-
-def _phase_distributed_optimizer(ckpt_dir: str) -> dict:
-    """DP=2 distributed optimizer: 1 step, save, 1 step  vs  load, 1 step."""
-    from megatron.core import dist_checkpointing
-
-    from regate_megatron.cpu_compat import (
-        distributed_optimizer_sharded_state_dict,
-        load_distributed_optimizer_state,
-    )
-
-    out = {}
-    reinit_parallel()  # world 2 -> DP=2
-    for sharding in SHARDINGS:
-        path = os.path.join(ckpt_dir, sharding)
-        os.makedirs(path, exist_ok=True)  # dist_checkpointing.save needs the directory
-        # Uninterrupted: step 0, save, step 1.
-        ddp, optimizer = _build_dist_opt_model(seed=SEED)
-        _train_step(ddp, optimizer, step=0)
-        model_sd = ddp.module.sharded_state_dict()
-        dist_checkpointing.save(
-            {
-                "model": model_sd,
-                "optimizer": distributed_optimizer_sharded_state_dict(optimizer, model_sd, sharding),
-            },
-            path,
-        )
-        _train_step(ddp, optimizer, step=1)
-        uninterrupted = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
-
-        def load_into(seed):
-            resumed_ddp, resumed_opt = _build_dist_opt_model(seed=seed)
-            model_sd = resumed_ddp.module.sharded_state_dict()
-            loaded = dist_checkpointing.load(
-                {
-                    "model": model_sd,
-                    "optimizer": distributed_optimizer_sharded_state_dict(
-                        resumed_opt, model_sd, sharding, is_loading=True
-                    ),
-                },
-                path,
-            )
-            resumed_ddp.module.load_state_dict(loaded["model"])
-            return resumed_ddp, resumed_opt, loaded["optimizer"]
-
-        # Resumed with the helpers (fresh model from another seed), then step 1.
-        resumed_ddp, resumed_opt, opt_state = load_into(seed=SEED + 1)
-        load_distributed_optimizer_state(resumed_opt, opt_state)
-        steps_after_load = _adam_steps(resumed_opt)
-        _train_step(resumed_ddp, resumed_opt, step=1)
-        out[sharding] = dict(
-            param_diff=max(
-                max_abs_diff(p, uninterrupted[n]) for n, p in resumed_ddp.module.named_parameters()
-            ),
-            distinct_step_tensors=len({i for i, _ in steps_after_load}) == len(steps_after_load),
-            steps_after_load=sorted({s for _, s in steps_after_load}),
-            steps_after_step=sorted({s for _, s in _adam_steps(resumed_opt)}),
-            uninterrupted_steps=sorted({s for _, s in _adam_steps(optimizer)}),
-        )
-
-        # What the helper works around: the plain Megatron load of the same state.
-        plain_ddp, plain_opt, opt_state = load_into(seed=SEED + 2)
-        try:
-            plain_opt.load_state_dict(opt_state)
-            out[sharding]["plain_load_error"] = None
-        except Exception as exc:  # noqa: BLE001 -- recorded for the test
-            out[sharding]["plain_load_error"] = f"{type(exc).__name__}: {exc}"
-    return out
-
-
-def _two_rank_world(rank: int, ckpt_dir: str) -> dict:
+def _two_rank_world(rank: int) -> dict:
     return {
         "attention": _phase_attention(),
         "gpt": _phase_gpt(),
         "tensor_parallel": _phase_tensor_parallel(),
         "pipeline": _phase_pipeline(),
-        "distributed_optimizer": _phase_distributed_optimizer(ckpt_dir),
     }
 
 
@@ -700,9 +580,9 @@ def _sleep_forever(rank: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_world(tmp_path_factory) -> list:
+def two_rank_world() -> list:
     """Results of the 2-rank world, one dict per rank."""
-    return run_world(_two_rank_world, 2, ckpt_dir=str(tmp_path_factory.mktemp("ckpt")))
+    return run_world(_two_rank_world, 2)
 
 
 # ======================================================================================
@@ -722,6 +602,7 @@ _PATCH_CHECK = textwrap.dedent(
     targets = {
         "torch.cuda.current_device": (torch.cuda, "current_device"),
         "torch.cuda.synchronize": (torch.cuda, "synchronize"),
+        "torch.cuda.current_stream": (torch.cuda, "current_stream"),
         "torch.Tensor.cuda": (torch.Tensor, "cuda"),
         "torch.zeros": (torch, "zeros"),
         "torch.ones": (torch, "ones"),
@@ -763,6 +644,7 @@ _PATCH_CHECK = textwrap.dedent(
     assert torch.zeros(2, device="meta").is_meta
     assert torch.zeros(2).cuda().device.type == "cpu"
     torch.cuda.synchronize()
+    torch.cuda.current_stream().wait_stream(torch.cuda.current_stream())  # Megatron >= 0.17 DDP
     print("PATCH-CHECK-OK")
     """
 )
@@ -819,45 +701,6 @@ def test_guard_pipeline_p2p_only_fires_for_interleaved_pp2_on_gloo():
     # Sizes passed explicitly win over the config's.
     config = _p2p_config(None, None)
     assert guard_pipeline_p2p(config, "gloo", 2, 2) is True and config.batch_p2p_comm is False
-
-
-def test_check_distrib_optim_sharding():
-    for ok in SHARDINGS:
-        check_distrib_optim_sharding(ok)
-    with pytest.raises(ValueError, match="distrib_optim_sharding_type") as info:
-        check_distrib_optim_sharding("fully_sharded_model_space")
-    assert "dp_reshardable" in str(info.value) and "fully_reshardable" in str(info.value)
-
-
-def test_fix_optimizer_step_after_load_restores_adam_bias_correction():
-    """The shared-step state DistributedOptimizer.load_state_dict produces, in plain torch."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
-    grads = [torch.randn(3) for _ in params]
-
-    def adam_after_one_resumed_step(share_step: bool, fix: bool):
-        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        opt = torch.optim.Adam(ps, lr=0.1)
-        shared = torch.tensor(1.0)  # "resumed after one step"
-        for p in ps:
-            opt.state[p] = {
-                "step": shared if share_step else torch.tensor(1.0),
-                "exp_avg": torch.full((3,), 0.1),
-                "exp_avg_sq": torch.full((3,), 0.01),
-            }
-        if fix:
-            assert fix_optimizer_step_after_load(opt) == (len(ps) - 1 if share_step else 0)
-        for p, g in zip(ps, grads):
-            p.grad = g.clone()
-        opt.step()
-        return torch.stack([p.detach() for p in ps]), [float(opt.state[p]["step"]) for p in ps]
-
-    want, want_steps = adam_after_one_resumed_step(share_step=False, fix=False)
-    broken, broken_steps = adam_after_one_resumed_step(share_step=True, fix=False)
-    fixed, fixed_steps = adam_after_one_resumed_step(share_step=True, fix=True)
-    assert want_steps == [2.0] * 4
-    assert broken_steps == [5.0] * 4 and not torch.allclose(broken, want)  # the silent bug
-    assert fixed_steps == [2.0] * 4 and torch.equal(fixed, want)
 
 
 # ======================================================================================
@@ -1028,27 +871,3 @@ def test_interleaved_pp2_vpp2_guard(two_rank_world):
     unguarded = _last_stage(two_rank_world, "interleaved_unguarded")
     assert unguarded["batch_p2p_comm"] is True
     assert unguarded_grad_diff > 1e-3 or unguarded["losses"] != pytest.approx(ref_losses, abs=1e-6)
-
-
-# ======================================================================================
-# Distributed optimizer checkpoint resume
-# ======================================================================================
-
-
-@cpu_gloo_only
-@pytest.mark.parametrize("sharding", SHARDINGS)
-def test_distributed_optimizer_resume_equals_uninterrupted(two_rank_world, sharding):
-    for rank_result in two_rank_world:
-        result = rank_result["distributed_optimizer"][sharding]
-        assert result["param_diff"] == 0.0
-        assert result["distinct_step_tensors"]
-        assert result["steps_after_load"] == [1.0]
-        assert result["steps_after_step"] == result["uninterrupted_steps"] == [2.0]
-
-
-@cpu_gloo_only
-def test_plain_megatron_distributed_optimizer_load_fails(two_rank_world):
-    """What load_distributed_optimizer_state works around (Megatron-Core 0.16.1, torch Adam)."""
-    errors = two_rank_world[0]["distributed_optimizer"]
-    assert "KeyError" in errors["fully_reshardable"]["plain_load_error"]
-    assert "leaf Variable" in errors["dp_reshardable"]["plain_load_error"]

@@ -13,18 +13,19 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_te_backend_rho_one_is_stock_and_routed_logits_match_compacted(megatron_world):
+    import dataclasses
+
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_layer import TransformerLayer
+    from models import MAX_SEQ, VOCAB, make_batch, tiny_config
 
     from regate_megatron.config import ReGateConfig
     from regate_megatron.model import ReGateGPTModel
+    from regate_megatron.parallel import rank_device
     from regate_megatron.selection import select_top_targets
     from regate_megatron.spec import get_regate_decoder_block_spec
 
-    from models import VOCAB, MAX_SEQ, make_batch, tiny_config
-
-    import dataclasses
-
+    device = rank_device()
     config = tiny_config(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                          init_method_std=0.3)
 
@@ -32,7 +33,7 @@ def test_te_backend_rho_one_is_stock_and_routed_logits_match_compacted(megatron_
         torch.manual_seed(1)
         spec = get_regate_decoder_block_spec(cfg, backend="te", layer_module=layer_module)
         return cls(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
-                   max_sequence_length=MAX_SEQ, position_embedding_type=embedding, **kw).cuda()
+                   max_sequence_length=MAX_SEQ, position_embedding_type=embedding, **kw).to(device)
 
     from regate_megatron.layer import ReGateTransformerLayer
 
@@ -43,7 +44,7 @@ def test_te_backend_rho_one_is_stock_and_routed_logits_match_compacted(megatron_
     mrope_cfg = dataclasses.replace(config, mrope_section=[6, 1, 1])  # head_dim 16 / 2
     reference = build(TransformerLayer, GPTModel, cfg=mrope_cfg, embedding="mrope")
     reference.load_state_dict(stock.state_dict())
-    tokens, labels, pos, targets, scores = (t.cuda() for t in make_batch(0))
+    tokens, labels, pos, targets, scores = (t.to(device) for t in make_batch(0))
     dense = select_top_targets(scores, targets, 1.0)
     assert torch.equal(routed(tokens, pos, None, labels=labels, token_selection=dense),
                        stock(tokens, pos, None, labels=labels))

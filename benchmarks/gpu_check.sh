@@ -1,0 +1,238 @@
+#!/usr/bin/env bash
+# The GPU check of regate-megatron: ONE command, within 6 minutes on one H200 (Python 3.12,
+# torch 2.11, no Megatron-Core, no TE, no network). Megatron-Core comes as carried cp312
+# wheels in .whl/ (0.16.1 and the newest 0.19.x, downloaded beside the checkout; see README).
+#
+#   benchmarks/gpu_check.sh              on a GPU machine
+#   benchmarks/gpu_check.sh --dry-run    the same stages at tiny size on CPU (plumbing check;
+#                                        also GPU_CHECK_ALLOW_CPU=1); PYTHON must be a 3.12
+#                                        interpreter with torch for the cp312 wheels
+#
+# Stages (each timed; a failing stage is recorded and the later ones still run):
+#   install            the carried wheels, each Megatron-Core into its own --target directory
+#   gpu_tests          pytest -m gpu (tests/test_gpu.py) on Megatron-Core 0.16.1, bf16 + fp32
+#   pipeline           README pipeline, small: teacher, regate-precompute-ref, then
+#                      regate-train --bf16 --regate 30 steps with an evaluation, resumed for 10
+#                      more, compared with a straight 40-step run (steps 31-40 and the eval)
+#   bench_<version>    benchmarks/router.py at 1B-class size, seq 4096, micro-batch 1, bf16,
+#                      once per Megatron-Core version (0.16.1, newest 0.19.x)
+#   profile            (optional) router.py --profile when a speedup is below 0.9 x ideal
+#   gpu_tests_<newest> (optional, if time is left) pytest -m gpu on the newest version
+# Budget: GPU_CHECK_BUDGET_S (default 330 s of the 6 minutes). A stage gets at most its
+# cap and never the time the later required stages need; an optional stage runs only if
+# half its cap fits. The last line is machine-readable:
+#   gpu_check ok=<0|1> overhead=<per version> speedup_0.5=... ideal_0.5=... mcore=<versions> ...
+# ok=1 iff every required stage passed; goals= says whether the benchmark met its goals.
+# Files: $OUT (the device tool's) or runs/gpu_check/: gpu_check.log (every stage's output),
+# stages.tsv, bench_<version>.json, resume.txt, router_profile.txt.
+set -uo pipefail
+
+# The whole script is one function, parsed before it runs (an edit during a run cannot
+# shift what bash reads next).
+main() {
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+[ "${GPU_CHECK_ALLOW_CPU:-0}" = "1" ] && DRY=1
+PY="${PYTHON:-python3}"
+WHEELS="${GPU_CHECK_WHEELS:-$REPO/.whl}"
+# A dry run on a small, shared CPU is slower than the GPU run it stands in for: its stage caps
+# and reserves are scaled (GPU_CHECK_SCALE) and its budget is larger.
+if [ "$DRY" = 1 ]; then
+    BUDGET="${GPU_CHECK_BUDGET_S:-3600}"; SCALE="${GPU_CHECK_SCALE:-8}"
+else
+    BUDGET="${GPU_CHECK_BUDGET_S:-330}"; SCALE="${GPU_CHECK_SCALE:-1}"
+fi
+if [ -n "${OUT:-}" ]; then WORK=/tmp/gpu_check; else WORK="$REPO/runs/gpu_check"; fi
+rm -rf "$WORK" && mkdir -p "$WORK/bin" "$WORK/logs"
+LOG="$WORK/gpu_check.log"
+STAGES="$WORK/stages.tsv"
+: > "$STAGES"
+START=$SECONDS
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
+note() { echo "[gpu_check $(( SECONDS - START ))s] $*" | tee -a "$LOG"; }
+
+# The README's command names, run from this checkout (no install into the interpreter).
+for pair in regate-train:train regate-precompute-ref:precompute regate-inspect:inspect_refs; do
+    printf '#!/usr/bin/env bash\nexec "%s" -m regate_megatron.%s "$@"\n' "$PY" "${pair#*:}" \
+        > "$WORK/bin/${pair%%:*}"
+    chmod +x "$WORK/bin/${pair%%:*}"
+done
+export PATH="$WORK/bin:$PATH"
+
+# run_stage NAME REQUIRED CAP RESERVE FUNCTION: runs FUNCTION with a timeout of
+# min(CAP, time left - RESERVE); skipped (failed if required) when that is under 10 s
+# (optional stages need half their CAP).
+run_stage() {
+    local name=$1 required=$2 cap=$(( $3 * SCALE )) reserve=$(( $4 * SCALE )) fn=$5
+    local left=$(( BUDGET - (SECONDS - START) - reserve ))
+    local limit=$(( cap < left ? cap : left ))
+    if [ "$limit" -lt 10 ] || { [ "$required" = 0 ] && [ "$limit" -lt $(( cap / 2 )) ]; }; then
+        note "stage $name: SKIPPED (${left}s left after reserving ${reserve}s)"
+        printf '%s\tskip\t0\t%s\tno time left\n' "$name" "$required" >> "$STAGES"
+        return
+    fi
+    note "stage $name: start (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout -k 10 "$limit" bash -c "$fn" > "$WORK/logs/$name.log" 2>&1
+    local rc=$?
+    local took=$(( SECONDS - t0 ))
+    { echo "===== $name (rc=$rc, ${took}s)"; cat "$WORK/logs/$name.log"; } >> "$LOG"
+    local status=ok why=""
+    if [ "$rc" -ne 0 ]; then
+        status=FAIL
+        why="rc=$rc$([ "$rc" -ge 124 ] && echo " (timed out after ${limit}s)")"
+        tail -n 25 "$WORK/logs/$name.log"
+    fi
+    tail -n 3 "$WORK/logs/$name.log" | sed "s/^/    [$name] /"
+    note "stage $name: $status in ${took}s $why"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$took" "$required" "$why" >> "$STAGES"
+}
+
+# ---------------------------------------------------------------- install
+stage_install() {
+    set -eo pipefail
+    "$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
+        "cuda", torch.cuda.is_available(),
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+    ls "$WHEELS"/*.whl
+    local deps=()
+    for whl in "$WHEELS"/*.whl; do
+        case "$(basename "$whl")" in
+            megatron_core-*)
+                local ver; ver=$(basename "$whl" | cut -d- -f2)
+                "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                    --target "$WORK/mc-$ver" "$whl"
+                echo "megatron-core $ver -> $WORK/mc-$ver" ;;
+            *) deps+=("$whl") ;;
+        esac
+    done
+    if [ "${#deps[@]}" -gt 0 ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target "$WORK/deps" "${deps[@]}"
+    fi
+    [ -d "$WORK/mc-0.16.1" ] || { echo "no megatron_core-0.16.1 wheel in $WHEELS"; exit 1; }
+}
+export -f stage_install
+export PY WHEELS WORK REPO DRY
+run_stage install 1 60 200 stage_install
+
+# Megatron-Core versions carried: 0.16.1 and the newest other one.
+NEWEST=$(ls -d "$WORK"/mc-* 2>/dev/null | sed 's/.*mc-//' | grep -v '^0\.16\.1$' | sort -V | tail -n 1)
+note "Megatron-Core versions: 0.16.1 ${NEWEST:-(no newer wheel carried)}"
+mcore_path() { echo "$WORK/mc-$1:$WORK/deps:$REPO"; }
+
+# ---------------------------------------------------------------- GPU tests
+stage_gpu_tests() {
+    set -eo pipefail
+    cd "$REPO"
+    "$PY" -c 'import megatron.core as m; print("megatron-core", m.__version__, m.__file__)'
+    if [ "$DRY" = 1 ]; then export REGATE_GPU_TESTS_ON_CPU=1; fi
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs
+}
+export -f stage_gpu_tests
+PYTHONPATH="$(mcore_path 0.16.1)" run_stage gpu_tests 1 110 170 stage_gpu_tests
+
+# ---------------------------------------------------------------- README pipeline, small
+stage_pipeline() {
+    set -eo pipefail
+    local p="$WORK/pipeline"
+    mkdir -p "$p" && cd "$p"
+    "$PY" "$REPO/benchmarks/gpu_check.py" data "$p"
+    local model=(--num-layers 2 --hidden-size 64 --num-attention-heads 4
+        --position-embedding-type rope --normalization RMSNorm --swiglu
+        --seq-length 80 --img-h 8 --img-w 8 --patch-dim 2
+        --vision-num-layers 1 --vision-hidden-size 32 --vision-num-attention-heads 2
+        --hidden-dropout 0 --attention-dropout 0 --make-vocab-size-divisible-by 64)
+    local common=(--data-path data/train.json --tokenizer-model tokenizer.model
+        --micro-batch-size 8 --global-batch-size 16 --lr 1e-3 --lr-decay-style constant
+        --weight-decay 0 --seed 1234 --no-progress --log-interval 10)
+    echo "--- teacher: regate-train --text-only"
+    regate-train "${model[@]}" "${common[@]}" --text-only --train-iters 10 --save teacher
+    echo "--- regate-precompute-ref"
+    regate-precompute-ref --data-path data/train.json --tokenizer-model tokenizer.model \
+        --load teacher --output ref_store --seq-length 80 --img-h 8 --img-w 8 --patch-dim 2 \
+        --micro-batch-size 64 --no-progress
+    local student=("${model[@]}" "${common[@]}" --bf16 --regate --regate-ref-store ref_store
+        --regate-keep-ratio 0.3 --regate-schedule cyclic --regate-cycle-steps 10
+        --regate-dense-steps 1 --language-model-checkpoint teacher
+        --valid-data-path data/valid.json --eval-interval 30 --eval-iters 1
+        --eval-max-new-tokens 8)
+    echo "--- regate-train --bf16 --regate: 30 steps with an evaluation, saved"
+    regate-train "${student[@]}" --train-iters 30 --save ckpt --save-interval 30 \
+        --metrics-jsonl first30.jsonl
+    echo "--- resumed for 10 more"
+    regate-train "${student[@]}" --train-iters 40 --load ckpt --metrics-jsonl resumed.jsonl
+    echo "--- uninterrupted 40 steps"
+    regate-train "${student[@]}" --train-iters 40 --metrics-jsonl straight.jsonl
+    "$PY" "$REPO/benchmarks/gpu_check.py" resume first30.jsonl resumed.jsonl straight.jsonl \
+        | tee "$WORK/resume.txt"
+}
+export -f stage_pipeline
+PYTHONPATH="$(mcore_path 0.16.1)" run_stage pipeline 1 150 110 stage_pipeline
+
+# ---------------------------------------------------------------- router benchmark
+if [ "$DRY" = 1 ]; then
+    BENCH=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 256
+        --micro-batch-size 1 --vocab-size 512 --bf16 --rounds 1 --warmup 1)
+else
+    BENCH=(--hidden-size 2048 --num-layers 16 --num-attention-heads 16 --seq-length 4096
+        --micro-batch-size 1 --vocab-size 32000 --bf16 --rounds 5 --warmup 2)
+fi
+export BENCH_ARGS="${BENCH[*]}"
+stage_bench() {
+    set -eo pipefail
+    cd "$REPO"
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/router.py $BENCH_ARGS --json "$WORK/bench_$BENCH_VERSION.json"
+}
+export -f stage_bench
+BENCH_VERSION=0.16.1 PYTHONPATH="$(mcore_path 0.16.1)" run_stage bench_0.16.1 1 75 50 stage_bench
+if [ -n "$NEWEST" ]; then
+    BENCH_VERSION=$NEWEST PYTHONPATH="$(mcore_path "$NEWEST")" \
+        run_stage "bench_$NEWEST" 1 75 0 stage_bench
+else
+    note "stage bench_0.19.x: FAIL (no newer Megatron-Core wheel in $WHEELS)"
+    printf 'bench_0.19.x\tFAIL\t0\t1\tno wheel carried\n' >> "$STAGES"
+fi
+
+# ---------------------------------------------------------------- profile, if short of ideal
+stage_profile() {
+    set -eo pipefail
+    cd "$REPO"
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/router.py $BENCH_ARGS --rounds 1 --warmup 1 \
+        --profile "$WORK/router_profile.txt" --profile-top 20
+}
+export -f stage_profile
+SHORT=$("$PY" - "$WORK/bench_0.16.1.json" <<'EOF' 2>/dev/null || echo 0
+import json, sys
+r = json.load(open(sys.argv[1]))
+short = r["overhead_ratio"] > 1.02 or any(
+    v["of_ideal"] < 0.9 for k, v in r["variants"].items() if k not in ("stock", "routed_1.0"))
+print(int(short or r["device"] == "cpu"))
+EOF
+)
+if [ "$SHORT" = 1 ]; then
+    PYTHONPATH="$(mcore_path 0.16.1)" run_stage profile 0 45 0 stage_profile
+fi
+
+# ---------------------------------------------------------------- GPU tests on the newest
+if [ -n "$NEWEST" ]; then
+    PYTHONPATH="$(mcore_path "$NEWEST")" run_stage "gpu_tests_$NEWEST" 0 90 0 stage_gpu_tests
+fi
+
+# ---------------------------------------------------------------- summary
+note "total $(( SECONDS - START ))s of budget ${BUDGET}s"
+if [ -n "${OUT:-}" ]; then
+    cp "$STAGES" "$LOG" "$WORK"/bench_*.json "$WORK"/resume.txt "$WORK"/router_profile.txt \
+        "$OUT"/ 2>/dev/null
+fi
+if ! "$PY" "$REPO/benchmarks/gpu_check.py" summary "$WORK" 2>>"$LOG"; then
+    echo "gpu_check ok=0 overhead=nan speedup_0.5=nan ideal_0.5=nan mcore=none (summary failed)"
+fi
+}
+
+main "$@"
