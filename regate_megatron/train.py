@@ -143,7 +143,7 @@ class Run:
                                 ("", "vision_model."))
 
     def _build_scorer(self):
-        from regate_megatron.scoring import ReGateScorer
+        from regate_megatron.scorer import ReGateScorer
 
         last_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         first_of_mp = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
