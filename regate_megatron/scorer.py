@@ -22,10 +22,41 @@ import torch.distributed as dist
 from regate_megatron.config import ReGateConfig
 from regate_megatron.ema_table import BatchLayout, EmaTable, SampleIds
 from regate_megatron.schedule import keep_ratio_at
-from regate_megatron.scores import difficulty_of, fuse_scores
+from regate_megatron.scores import difficulty_of, excess_scores, fuse_segments, random_scores
 from regate_megatron.selection import TokenSelection, select_top_targets
 
-__all__ = ["ReGateScorer"]
+__all__ = ["ReGateScorer", "TargetCounts", "open_reference"]
+
+
+class TargetCounts:
+    """The ragged target layout (``offsets`` np.int64 [N+1]) of a dataset without reference
+    losses: all the ``random`` selector needs (it sizes the EMA table, which still records)."""
+
+    def __init__(self, target_counts):
+        counts = np.asarray(target_counts, dtype=np.int64).reshape(-1)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __getitem__(self, sample_id: int) -> np.ndarray:
+        raise ValueError(
+            "no reference-loss store was given (--regate-ref-store); only --regate-selector "
+            "random runs without one"
+        )
+
+
+def open_reference(config: ReGateConfig, dataset, tokenizer=None):
+    """What the scorer reads for ``dataset``: the reference-loss store ``--regate-ref-store``
+    (checked against the dataset and tokenizer), or, for ``--regate-selector random`` without
+    a store, the dataset's target layout (`TargetCounts`)."""
+    if config.ref_store is not None:
+        from regate_megatron.ref_store import RefLossStore
+
+        return RefLossStore.open(config.ref_store, dataset=dataset, tokenizer=tokenizer)
+    if config.selector == "random":
+        return TargetCounts(dataset.target_counts())
+    raise ValueError(
+        f"--regate-selector {config.selector} needs --regate-ref-store (build it with "
+        f"regate-precompute-ref)"
+    )
 
 
 class ReGateScorer:
@@ -43,7 +74,9 @@ class ReGateScorer:
 
     With ReGATE disabled every call is a no-op without communication and `select`
     returns dense selections. See `EmaTable` for ``group``, ``dp_rank``, ``dp_size``,
-    ``lookup_source`` and ``loss_source``.
+    ``lookup_source`` and ``loss_source``. ``ref_store``: a reference-loss store, or a
+    `TargetCounts` for the ``random`` selector. ``seed``: the run's seed (``--seed``), which
+    with the step and the sample id seeds the ``random`` selector's draws.
     """
 
     def __init__(
@@ -57,9 +90,11 @@ class ReGateScorer:
         dp_size: int = 1,
         lookup_source: bool = True,
         loss_source: bool = True,
+        seed: int = 0,
     ):
         self.config = config
         self.ref_store = ref_store
+        self.seed = int(seed)
         self.ema = EmaTable(
             ref_store.offsets, vocab_size, config.ema_decay, group=group, dp_rank=dp_rank,
             dp_size=dp_size, lookup_source=lookup_source, loss_source=loss_source,
@@ -159,69 +194,99 @@ class ReGateScorer:
             )
         return ids, target_mask
 
+    def _flat_reference(self, ids: List[int], counts: List[int]) -> torch.Tensor:
+        """Reference losses of the samples' targets, concatenated: float32 [sum(counts)]."""
+        parts = [np.asarray(self.ref_store[sample_id]) for sample_id in ids]
+        for sample_id, part, targets in zip(ids, parts, counts, strict=True):
+            if part.size != targets:
+                raise ValueError(
+                    f"sample {sample_id}: loss_mask has {targets} target tokens but the "
+                    f"reference-loss store has {part.size}; the store was built for other "
+                    f"data or another tokenizer, rebuild it (regate-precompute-ref)"
+                )
+        ref = torch.from_numpy(np.concatenate(parts + [np.zeros(0, np.float32)]).astype(np.float32))
+        finite = torch.isfinite(ref)
+        if not bool(finite.all()):
+            row = _row_of(int((~finite).nonzero()[0]), counts)
+            raise ValueError(f"sample {ids[row]}: the reference-loss store holds NaN/inf")
+        return ref
+
+    def _flat_difficulty(self, ids, counts, labels, target_mask, ref) -> torch.Tensor:
+        """Student difficulty (EMA -> vocabulary EMA -> reference) of the samples' targets,
+        concatenated like ``ref`` [n]."""
+        index = []
+        for sample_id in ids:
+            i = self._first_index.get(sample_id)
+            if i is None:
+                raise ValueError(
+                    f"sample {sample_id} is not in this step's global batch; pass every "
+                    f"micro-batch's sample ids to begin_step()"
+                )
+            index.append(i)
+        counts_t = torch.tensor(counts, dtype=torch.long)
+        # slot of target j of micro-batch sample r: slot_start[index[r]] + j
+        base = self._layout.slot_start[index] - (torch.cumsum(counts_t, 0) - counts_t)
+        slots = torch.repeat_interleave(base, counts_t) + torch.arange(ref.numel())
+        label = labels[target_mask]  # [b, s] -> [n], row-major = samples in order
+        bad = (label < 0) | (label >= self.ema.vocab_size)
+        if bool(bad.any()):
+            row = _row_of(int(bad.nonzero()[0]), counts)
+            got = labels[row][target_mask[row]]
+            raise ValueError(
+                f"sample {ids[row]}: target labels must be in [0, vocab_size="
+                f"{self.ema.vocab_size}), got ids in [{int(got.min())}, {int(got.max())}]"
+            )
+        return difficulty_of(self._slot_ema[slots], self.ema.vocab_ema[label], ref)
+
+    def _prepare(self, sample_ids, labels, loss_mask):
+        if self._layout is None:
+            raise RuntimeError("difficulty()/select() before begin_step() of this step")
+        ids, target_mask = self._sample_targets(sample_ids, loss_mask)
+        target_mask = target_mask.cpu()
+        return ids, target_mask, target_mask.sum(dim=1).tolist(), labels.cpu().long()
+
     def reference(self, sample_ids: SampleIds, loss_mask: torch.Tensor) -> List[torch.Tensor]:
         """Reference loss of each sample's targets, float32 [n_i] per sample."""
         ids, target_mask = self._sample_targets(sample_ids, loss_mask)
-        out = []
-        for sample_id, targets in zip(ids, target_mask.sum(dim=1).tolist(), strict=True):
-            ref = torch.from_numpy(np.asarray(self.ref_store[sample_id], dtype=np.float32))
-            if ref.numel() != targets:
-                raise ValueError(
-                    f"sample {sample_id}: loss_mask has {targets} target tokens but the "
-                    f"reference-loss store has {ref.numel()}; the store was built for other "
-                    f"data or another tokenizer, rebuild it (regate-precompute-ref)"
-                )
-            if not bool(torch.isfinite(ref).all()):
-                raise ValueError(f"sample {sample_id}: the reference-loss store holds NaN/inf")
-            out.append(ref)
-        return out
+        counts = target_mask.sum(dim=1).tolist()
+        return list(self._flat_reference(ids, counts).split(counts))
 
     def difficulty(
         self, sample_ids: SampleIds, labels: torch.Tensor, loss_mask: torch.Tensor
     ) -> List[torch.Tensor]:
         """Student difficulty of each sample's targets (EMA -> vocabulary EMA -> reference)."""
-        return self._reference_and_difficulty(sample_ids, labels, loss_mask)[1]
-
-    def _reference_and_difficulty(self, sample_ids, labels, loss_mask):
-        if self._layout is None:
-            raise RuntimeError("difficulty()/select() before begin_step() of this step")
-        ids, target_mask = self._sample_targets(sample_ids, loss_mask)
-        target_mask, labels = target_mask.cpu(), labels.cpu().long()
-        refs = self.reference(ids, loss_mask)
-        difficulties = []
-        for row, (sample_id, ref) in enumerate(zip(ids, refs, strict=True)):
-            index = self._first_index.get(sample_id)
-            if index is None:
-                raise ValueError(
-                    f"sample {sample_id} is not in this step's global batch; pass every "
-                    f"micro-batch's sample ids to begin_step()"
-                )
-            start = int(self._layout.slot_start[index])
-            ema = self._slot_ema[start:start + ref.numel()]
-            label = labels[row][target_mask[row]]
-            if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.ema.vocab_size):
-                raise ValueError(
-                    f"sample {sample_id}: target labels must be in [0, vocab_size="
-                    f"{self.ema.vocab_size}), got ids in [{int(label.min())}, {int(label.max())}]"
-                )
-            difficulties.append(difficulty_of(ema, self.ema.vocab_ema[label], ref))
-        return refs, difficulties
+        ids, target_mask, counts, labels = self._prepare(sample_ids, labels, loss_mask)
+        ref = self._flat_reference(ids, counts)
+        return list(self._flat_difficulty(ids, counts, labels, target_mask, ref).split(counts))
 
     def scores(
         self, sample_ids: SampleIds, labels: torch.Tensor, loss_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Fused importance [b, s] float32 at target positions (0 elsewhere), normalised
-        per sample (``select_scope=sample``) or over the micro-batch (``batch``)."""
-        refs, difficulties = self._reference_and_difficulty(sample_ids, labels, loss_mask)
-        lambda_, norm = self.config.lambda_, self.config.score_norm
-        if self.config.select_scope == "batch":
-            fused = fuse_scores(torch.cat(refs), torch.cat(difficulties), lambda_, norm)
+        """The selector's score [b, s] float32 at target positions (0 elsewhere).
+
+        - ``regate``: ``lambda*N(ref) + (1-lambda)*N(difficulty)``, normalised per sample
+          (``select_scope=sample``) or over the micro-batch (``batch``);
+        - ``excess``: ``difficulty - ref`` (Rho-1's reducible loss), not normalised;
+        - ``random``: uniform draws seeded by (seed, step, sample id); no store is read.
+        """
+        ids, target_mask, counts, labels = self._prepare(sample_ids, labels, loss_mask)
+        selector = self.config.selector
+        if selector == "random":
+            flat = torch.cat([random_scores(self.seed, self._step, sample_id, n)
+                              for sample_id, n in zip(ids, counts, strict=True)]
+                             + [torch.zeros(0)])
         else:
-            fused = torch.cat([fuse_scores(r, d, lambda_, norm)
-                               for r, d in zip(refs, difficulties, strict=True)])
-        target_mask = (loss_mask > 0).cpu()
+            ref = self._flat_reference(ids, counts)
+            difficulty = self._flat_difficulty(ids, counts, labels, target_mask, ref)
+            if selector == "excess":
+                flat = excess_scores(ref, difficulty)
+            else:
+                lambda_, norm = self.config.lambda_, self.config.score_norm
+                segments = [ref.numel()] if self.config.select_scope == "batch" else counts
+                flat = fuse_segments(ref, difficulty, torch.tensor(segments, dtype=torch.long),
+                                     lambda_, norm)
         scores = torch.zeros(target_mask.shape, dtype=torch.float32)
-        scores[target_mask] = fused  # row-major = samples in order, positions ascending
+        scores[target_mask] = flat  # row-major = samples in order, positions ascending
         return scores
 
     def select(
@@ -324,3 +389,8 @@ class ReGateScorer:
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state)
 
+
+
+def _row_of(flat_index: int, counts: List[int]) -> int:
+    """The sample (row) of the ``flat_index``-th target when rows hold ``counts`` targets."""
+    return int(np.searchsorted(np.cumsum(counts), flat_index, side="right"))

@@ -89,11 +89,10 @@ class Run:
         args.vocab_size = self.vocab_size  # saved with the architecture in every checkpoint
         self.store = None
         if args.regate.enabled:
-            from regate_megatron.ref_store import RefLossStore
+            from regate_megatron.scorer import open_reference
 
             # Teacher and student must share the tokenizer; checked here, before any compute.
-            self.store = RefLossStore.open(args.regate.ref_store, dataset=self.train_data,
-                                           tokenizer=self.tokenizer)
+            self.store = open_reference(args.regate, self.train_data, self.tokenizer)
         if args.use_distributed_optimizer:
             check_distrib_optim_sharding(args.distrib_optim_sharding_type)
 
@@ -151,7 +150,7 @@ class Run:
         return ReGateScorer(
             self.args.regate, self.store, self.tokenizer.vocab_size, group=dist.group.WORLD,
             dp_rank=self.dp_rank, dp_size=self.dp_size,
-            lookup_source=first_of_mp, loss_source=last_tp0,
+            lookup_source=first_of_mp, loss_source=last_tp0, seed=self.args.seed,
         )
 
     def _resume(self) -> None:
