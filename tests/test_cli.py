@@ -263,3 +263,38 @@ def test_keep_ratio_one_is_the_dense_run(ws):
             assert a[key] == b[key], key
     # the ReGATE run's first (dense) step is the plain run's first step as well
     assert metrics(ws / "full.jsonl")[0]["lm_loss"] == plain[0]["lm_loss"]
+
+
+@pytest.mark.parametrize("selector", ["random", "excess"])
+def test_selector_resume_equals_uninterrupted(ws, selector):
+    """--regate-selector random (no store) / excess: stop at 2, resume to 4 == 4 straight, with
+    the regate run's schedule and keep counts (only the kept targets differ)."""
+    import shutil
+
+    from regate_megatron.checkpoint import iteration_dir
+
+    flags = [*REGATE, "--regate-selector", selector, "--language-model-checkpoint", "teacher"]
+    if selector == "excess":
+        flags += ["--regate-ref-store", "store"]
+    # 4 straight, saving at 2 and 4; the copy that stops at 2 is resumed to 4.
+    train(ws, *flags, "--train-iters", "4", "--save", f"{selector}_full", "--save-interval", "2",
+          "--metrics-jsonl", f"{selector}_full.jsonl")
+    stopped = ws / f"{selector}_at2"
+    shutil.copytree(ws / f"{selector}_full", stopped)
+    shutil.rmtree(iteration_dir(str(stopped), 4))
+    (stopped / "latest_checkpointed_iteration.txt").write_text("2")
+    train(ws, *flags, "--train-iters", "4", "--load", f"{selector}_at2", "--save",
+          f"{selector}_resumed", "--metrics-jsonl", f"{selector}_resumed.jsonl")
+    full = metrics(ws / f"{selector}_full.jsonl")
+    resumed = metrics(ws / f"{selector}_resumed.jsonl")
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed, strict=True):
+        for key in ("lm_loss", "keep_ratio", "kept_target_tokens", "cum_kept_target_tokens",
+                    "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+    want, got = _final_weights(ws, f"{selector}_full"), _final_weights(ws, f"{selector}_resumed")
+    for name in want:
+        np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+    regate = metrics(ws / "full.jsonl")
+    for key in ("keep_ratio", "kept_target_tokens", "target_tokens"):
+        assert [m[key] for m in full] == [m[key] for m in regate], key
