@@ -18,7 +18,7 @@ A seed (``--seed`` of regate-train) changes the initialisation of everything not
 the teacher, and the data order. With ``--teacher-checkpoints A B`` (or, on digits,
 ``--weak-teacher-steps N``, which trains a second, weaker teacher) the paper's second
 ablation runs too: the ``regate`` variant scored by each teacher's reference losses
-(``teacher-<name>`` rows).
+(``teacher-<name>`` rows; on digits the default teacher's row is ``regate`` itself).
 
 Metrics per (variant, seed), against the dense run of the same seed: target tokens computed
 and training wall time (``elapsed``, evaluation excluded) until the first evaluation at or
@@ -364,7 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not os.path.exists(os.path.join(weak, "latest_checkpointed_iteration.txt")):
             demo.train_teacher(work, steps=args.weak_teacher_steps, batch_size=args.batch_size,
                                seed=args.first_seed, out="teacher_weak", quiet=True)
-        checkpoints = [os.path.join(work, "teacher"), weak, *checkpoints]
+        checkpoints = [weak, *checkpoints]  # the default teacher's row is `regate`
     for checkpoint in checkpoints:
         name = os.path.basename(checkpoint.rstrip("/"))
         out = os.path.join(work, f"ref_store_{name}")
