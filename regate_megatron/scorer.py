@@ -196,15 +196,27 @@ class ReGateScorer:
 
     def _flat_reference(self, ids: List[int], counts: List[int]) -> torch.Tensor:
         """Reference losses of the samples' targets, concatenated: float32 [sum(counts)]."""
-        parts = [np.asarray(self.ref_store[sample_id]) for sample_id in ids]
-        for sample_id, part, targets in zip(ids, parts, counts, strict=True):
-            if part.size != targets:
-                raise ValueError(
-                    f"sample {sample_id}: loss_mask has {targets} target tokens but the "
-                    f"reference-loss store has {part.size}; the store was built for other "
-                    f"data or another tokenizer, rebuild it (regate-precompute-ref)"
-                )
-        ref = torch.from_numpy(np.concatenate(parts + [np.zeros(0, np.float32)]).astype(np.float32))
+        offsets = self.ema.offsets
+        ids_np = np.asarray(ids, dtype=np.int64)
+        starts = offsets[ids_np]
+        stored = offsets[ids_np + 1] - starts
+        wrong = np.flatnonzero(stored != np.asarray(counts, dtype=np.int64))
+        if wrong.size:
+            row = int(wrong[0])
+            raise ValueError(
+                f"sample {ids[row]}: loss_mask has {counts[row]} target tokens but the "
+                f"reference-loss store has {int(stored[row])}; the store was built for other "
+                f"data or another tokenizer, rebuild it (regate-precompute-ref)"
+            )
+        flat_values = getattr(self.ref_store, "values", None)
+        if flat_values is not None:  # one gather from the store's flat value array
+            flat = np.repeat(starts - (np.cumsum(stored) - stored), stored) + np.arange(
+                int(stored.sum()), dtype=np.int64)
+            values = np.asarray(flat_values[flat])
+        else:  # duck-typed store: store[sample_id] per sample
+            values = np.concatenate([np.asarray(self.ref_store[i]) for i in ids]
+                                    + [np.zeros(0, np.float32)])
+        ref = torch.from_numpy(values.astype(np.float32))
         finite = torch.isfinite(ref)
         if not bool(finite.all()):
             row = _row_of(int((~finite).nonzero()[0]), counts)
@@ -223,10 +235,11 @@ class ReGateScorer:
                     f"micro-batch's sample ids to begin_step()"
                 )
             index.append(i)
-        counts_t = torch.tensor(counts, dtype=torch.long)
-        # slot of target j of micro-batch sample r: slot_start[index[r]] + j
-        base = self._layout.slot_start[index] - (torch.cumsum(counts_t, 0) - counts_t)
-        slots = torch.repeat_interleave(base, counts_t) + torch.arange(ref.numel())
+        counts_np = np.asarray(counts, dtype=np.int64)
+        # slot of target j of micro-batch sample r: slot_start[index[r]] + j (NumPy: tiny
+        # arrays, no intra-op thread pool)
+        base = self._layout.slot_start.numpy()[index] - (np.cumsum(counts_np) - counts_np)
+        slots = torch.from_numpy(np.repeat(base, counts_np) + np.arange(ref.numel()))
         label = labels[target_mask]  # [b, s] -> [n], row-major = samples in order
         bad = (label < 0) | (label >= self.ema.vocab_size)
         if bool(bad.any()):
