@@ -311,8 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial language-model weights of every student")
     p.add_argument("--teacher-checkpoints", nargs="+", default=None, metavar="CKPT",
                    help="teacher ablation: build a reference-loss store per teacher checkpoint "
-                        "(regate-precompute-ref) and run the regate variant with each")
+                        "(regate-precompute-ref, with the layout flags --seq-length/--img-h/"
+                        "--img-w/--patch-dim/--image-root given after --) and run the regate "
+                        "variant with each")
     return p
+
+
+# regate-train flags that regate-precompute-ref shares (the sequence and image layout).
+_LAYOUT_FLAGS = ("--seq-length", "--img-h", "--img-w", "--patch-dim", "--image-root",
+                 "--regate-teacher-visual")
+
+
+def _layout_flags(extra: List[str]) -> List[str]:
+    """The pass-through flags (``--flag value`` or ``--flag=value``) that fix the layout."""
+    out = []
+    for i, item in enumerate(extra):
+        name = item.split("=", 1)[0]
+        if name in _LAYOUT_FLAGS:
+            out += [item] if "=" in item else extra[i:i + 2]
+    return out
 
 
 def _split_passthrough(argv: List[str]):
@@ -369,7 +386,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         name = os.path.basename(checkpoint.rstrip("/"))
         out = os.path.join(work, f"ref_store_{name}")
         if not os.path.exists(os.path.join(out, "meta.json")):
-            demo.precompute_refs(work, checkpoint, out, data_path=data, tokenizer=tok, quiet=True)
+            demo.precompute_refs(work, checkpoint, out, data_path=data, tokenizer=tok,
+                                 layout=_layout_flags(extra) if user_data else None, quiet=True)
         teachers[name] = out
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

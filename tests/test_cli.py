@@ -298,3 +298,26 @@ def test_selector_resume_equals_uninterrupted(ws, selector):
     regate = metrics(ws / "full.jsonl")
     for key in ("keep_ratio", "kept_target_tokens", "target_tokens"):
         assert [m[key] for m in full] == [m[key] for m in regate], key
+
+
+def test_ablate_on_a_llava_dataset(ws):
+    """regate-ablate on any LLaVA data set (data, tokenizer, store, teacher, and the model flags
+    after --), with a teacher ablation store built from a checkpoint; a second call skips the
+    finished runs."""
+    model = [f for i, f in enumerate(TINY) if "--seed" not in TINY[max(i - 1, 0):i + 1]]
+    cmd = ["regate_megatron.ablate", "--workdir", "abl", "--data-path", "train.json",
+           "--valid-data-path", "valid.json", "--tokenizer-model", "tok.model",
+           "--ref-store", "store", "--language-model-checkpoint", "teacher",
+           "--variants", "random", "excess", "--seeds", "1", "--steps", "2",
+           "--eval-interval", "2", "--eval-batches", "1", "--teacher-checkpoints", "teacher",
+           "--", *model, "--eval-max-new-tokens", "4"]
+    proc = _run(cmd, ws)
+    result = json.loads((ws / "abl" / "ablation.json").read_text())
+    assert sorted(result["runs"]) == ["dense-s1234", "excess-s1234", "random-s1234",
+                                      "teacher-teacher-s1234"]
+    assert sorted(result["variants"]) == ["dense", "excess", "random", "teacher-teacher"]
+    assert "| random |" in proc.stdout and (ws / "abl" / "ablation.png").stat().st_size > 0
+    rows = metrics(ws / "abl" / "runs" / "random-s1234.jsonl")
+    assert [m["keep_ratio"] for m in rows] == [1.0, 0.3] and rows[-1]["eval_samples"] == 4
+    again = _run(cmd, ws)
+    assert "0 runs executed, 4 already finished" in again.stdout

@@ -83,12 +83,15 @@ def train_teacher(work: str, *, steps: int, batch_size: int, seed: int, out: str
 
 
 def precompute_refs(work: str, teacher: str, out: str, *, data_path: str = "data/train.json",
-                    tokenizer: str = "tokenizer.model", quiet: bool = False) -> float:
-    """Reference losses of ``teacher`` on the training records (`regate-precompute-ref`)."""
-    return run_stage(f"{out}: reference losses (regate-precompute-ref)", [
+                    tokenizer: str = "tokenizer.model", layout: Optional[List[str]] = None,
+                    quiet: bool = False) -> float:
+    """Reference losses of ``teacher`` on the training records (`regate-precompute-ref`);
+    ``layout``: the sequence/image flags (default: the demo's)."""
+    return run_stage(f"{os.path.basename(out)}: reference losses (regate-precompute-ref)", [
         sys.executable, "-m", "regate_megatron.precompute", "--data-path", data_path,
         "--tokenizer-model", tokenizer, "--load", teacher, "--output", out,
-        *IMAGE, "--micro-batch-size", "64", *(["--no-progress"] if quiet else []),
+        *(IMAGE if layout is None else layout), "--micro-batch-size", "64",
+        *(["--no-progress"] if quiet else []),
     ], work, quiet=quiet)
 
 
