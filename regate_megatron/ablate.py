@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=2,
                    help="held-out batches (of --batch-size samples) per evaluation")
     p.add_argument("--keep-ratio", type=float, default=0.3, help="rho_min of every sparse variant")
+    p.add_argument("--report-only", action="store_true",
+                   help="build and run nothing: table, plot and json of the finished runs "
+                        "(e.g. while another invocation is still running)")
     p.add_argument("--save-checkpoints", action="store_true",
                    help="keep every run's final checkpoint (<run>_ckpt; costs a save per run)")
     g = p.add_argument_group("digits-VQA inputs (the default: built under --workdir)")
@@ -363,12 +366,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         init = ap(args.language_model_checkpoint) if args.language_model_checkpoint else None
         model = []  # the user's architecture comes in the pass-through flags
     else:
-        print(f"regate-ablate: digits-VQA inputs under {work}", flush=True)
-        demo.build_inputs(work)
-        if not os.path.exists(os.path.join(work, "teacher", "latest_checkpointed_iteration.txt")):
+        teacher_done = os.path.join(work, "teacher", "latest_checkpointed_iteration.txt")
+        if not args.report_only:
+            print(f"regate-ablate: digits-VQA inputs under {work}", flush=True)
+            demo.build_inputs(work)
+        if not args.report_only and not os.path.exists(teacher_done):
             demo.train_teacher(work, steps=args.teacher_steps, batch_size=args.batch_size,
                                seed=args.first_seed, quiet=True)
-        if not os.path.exists(os.path.join(work, "ref_store", "meta.json")):
+        if not args.report_only and not os.path.exists(os.path.join(work, "ref_store",
+                                                                    "meta.json")):
             demo.precompute_refs(work, "teacher", "ref_store", quiet=True)
         data, valid, tok = (os.path.join(work, p) for p in
                             ("data/train.json", "data/valid.json", "tokenizer.model"))
@@ -378,14 +384,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     checkpoints = [os.path.abspath(c) for c in args.teacher_checkpoints or []]
     if args.weak_teacher_steps and not user_data:
         weak = os.path.join(work, "teacher_weak")
-        if not os.path.exists(os.path.join(weak, "latest_checkpointed_iteration.txt")):
+        if not args.report_only and not os.path.exists(
+                os.path.join(weak, "latest_checkpointed_iteration.txt")):
             demo.train_teacher(work, steps=args.weak_teacher_steps, batch_size=args.batch_size,
                                seed=args.first_seed, out="teacher_weak", quiet=True)
         checkpoints = [weak, *checkpoints]  # the default teacher's row is `regate`
     for checkpoint in checkpoints:
         name = os.path.basename(checkpoint.rstrip("/"))
         out = os.path.join(work, f"ref_store_{name}")
-        if not os.path.exists(os.path.join(out, "meta.json")):
+        if not args.report_only and not os.path.exists(os.path.join(out, "meta.json")):
             demo.precompute_refs(work, checkpoint, out, data_path=data, tokenizer=tok,
                                  layout=_layout_flags(extra) if user_data else None, quiet=True)
         teachers[name] = out
@@ -404,14 +411,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"regate-ablate: {len(runs)} runs ({len(args.variants)} variants"
           f"{f' + {len(teachers)} teachers' if teachers else ''} x {len(seeds)} seeds) of "
           f"{args.steps} steps under {runs_dir}", flush=True)
-    walls = run_all(runs, command, runs_dir, args.steps, args.save_checkpoints)
+    if args.report_only:
+        walls = {}
+        done = [r for r in runs if _finished(runs_dir, r.name, args.steps, args.save_checkpoints)]
+        print(f"regate-ablate: --report-only over the {len(done)} finished of {len(runs)} runs",
+              flush=True)
+    else:
+        walls = run_all(runs, command, runs_dir, args.steps, args.save_checkpoints)
+        done = runs
 
     from regate_megatron.demo.report import load_metrics
 
-    metrics = {r.name: load_metrics(os.path.join(runs_dir, f"{r.name}.jsonl")) for r in runs}
-    summary = summarize(metrics, runs)
+    metrics = {r.name: load_metrics(os.path.join(runs_dir, f"{r.name}.jsonl")) for r in done}
+    summary = summarize(metrics, done)
     table = format_table(summary)
-    png = plot_bands(metrics, runs, os.path.join(work, "ablation.png"))
+    png = plot_bands(metrics, done, os.path.join(work, "ablation.png"))
     with open(os.path.join(work, "ablation.json"), "w") as f:
         json.dump({"settings": {k: v for k, v in vars(args).items()}, "extra_flags": extra,
                    "seeds": seeds, "runs_planned": [asdict(r) for r in runs],
@@ -419,7 +433,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n" + table)
     print(f"\nplot: {png}\njson: {os.path.join(work, 'ablation.json')}\n"
           f"this invocation: {time.perf_counter() - start:.0f} s "
-          f"({len(walls)} runs executed, {len(runs) - len(walls)} already finished)", flush=True)
+          f"({len(walls)} runs executed, {len(done) - len(walls)} already finished, "
+          f"{len(runs) - len(done)} not run)", flush=True)
     return 0
 
 

@@ -321,3 +321,7 @@ def test_ablate_on_a_llava_dataset(ws):
     assert [m["keep_ratio"] for m in rows] == [1.0, 0.3] and rows[-1]["eval_samples"] == 4
     again = _run(cmd, ws)
     assert "0 runs executed, 4 already finished" in again.stdout
+    (ws / "abl" / "runs" / "excess-s1234.jsonl").unlink()  # as if still running
+    split = cmd.index("--")
+    partial = _run([*cmd[:split], "--report-only", *cmd[split:]], ws)
+    assert "over the 3 finished of 4 runs" in partial.stdout and "| excess |" not in partial.stdout
