@@ -89,8 +89,8 @@ def fuse_scores(
 
 def normalize_segments(x: torch.Tensor, counts: torch.Tensor, mode: str) -> torch.Tensor:
     """`normalize_scores` of each consecutive segment of ``x`` [n] (segment i has ``counts[i]``
-    values), concatenated: bit-identical to the per-segment calls, one batched sort for 'rank'
-    instead of a Python loop over samples."""
+    values), concatenated: bit-identical to the per-segment calls; 'rank' takes one lexsort of
+    all segments instead of a Python loop over samples."""
     counts = torch.as_tensor(counts, dtype=torch.long).reshape(-1)
     if x.dim() != 1 or int(counts.sum()) != x.numel():
         raise ValueError(
@@ -151,10 +151,10 @@ def difficulty_of(
     return torch.where(torch.isnan(ema), fallback, ema)
 
 
-
 def excess_scores(ref: torch.Tensor, difficulty: torch.Tensor) -> torch.Tensor:
     """Rho-1's reducible loss ``difficulty - ref`` [n] (float32): high where the student is still
-    worse than the teacher. A target never observed (difficulty falls back to ``ref``) scores 0."""
+    worse than the teacher. A target whose difficulty fell back to ``ref`` (neither it nor its
+    label was ever observed) scores 0."""
     if ref.shape != difficulty.shape:
         raise ValueError(
             f"excess_scores: ref {tuple(ref.shape)} and difficulty {tuple(difficulty.shape)} differ"
