@@ -29,6 +29,7 @@ setup(
             "regate-train=regate_megatron.train:main",
             "regate-precompute-ref=regate_megatron.precompute:main",
             "regate-demo=regate_megatron.demo.run:main",
+            "regate-ablate=regate_megatron.ablate:main",
             "regate-inspect=regate_megatron.inspect_refs:main",
         ],
     },

@@ -251,9 +251,11 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if not args.text_only and (args.img_h % args.patch_dim or args.img_w % args.patch_dim):
         raise SystemExit("regate-train: --img-h and --img-w must be multiples of --patch-dim")
-    if args.regate.enabled and args.regate.ref_store is None:
+    if args.regate.enabled and args.regate.ref_store is None and args.regate.selector != "random":
         raise SystemExit(
-            "regate-train: --regate needs --regate-ref-store (build it with regate-precompute-ref)"
+            "regate-train: --regate needs --regate-ref-store (build it with "
+            "regate-precompute-ref); "
+            "only --regate-selector random runs without one"
         )
     for flag in ("save_interval", "eval_interval", "log_interval"):
         value = getattr(args, flag)

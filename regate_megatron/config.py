@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 __all__ = ["CHOICES", "ReGateConfig", "add_regate_args", "flag_for", "parse_layer_span"]
 
 CHOICES = {
+    "selector": ("regate", "random", "excess"),
     "score_norm": ("rank", "zscore", "none"),
     "select_scope": ("sample", "batch"),
     "schedule": ("constant", "cyclic", "cosine"),
@@ -65,6 +66,12 @@ class ReGateConfig:
     ema_decay: float = 0.9
     """Decay beta in [0, 1) of the student-loss EMA per (sample, target token):
     e <- beta*e + (1-beta)*loss (the first observation sets e = loss). 0 keeps the last loss."""
+
+    selector: str = "regate"
+    """Which targets the schedule's keep ratio keeps (only the kept set differs): 'regate' (the
+    fused score below), 'random' (a fresh uniform choice per step, seeded from --seed, the step
+    and the sample id; needs no --regate-ref-store) or 'excess' (Rho-1's reducible loss: the
+    student EMA minus the reference loss)."""
 
     lambda_: float = 0.5
     """Weight lambda in [0, 1] of the reference loss in the importance score

@@ -82,7 +82,7 @@ class EarlyStop:
         if save and (not dist.is_initialized() or dist.get_rank() == 0):
             try:
                 os.remove(os.path.join(save, MARKER))
-            except FileNotFoundError:
+            except OSError:  # none there; a --save that is no directory is named in setup
                 pass
 
     def _on_signal(self, signum, frame) -> None:

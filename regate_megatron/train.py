@@ -112,11 +112,10 @@ class Run:
         notes = self._reconcile_with_checkpoint() if self.resuming else []
         self.store = None
         if args.regate.enabled:
-            from regate_megatron.ref_store import RefLossStore
+            from regate_megatron.scorer import open_reference
 
             # Teacher and student must share the tokenizer; checked here, before any compute.
-            self.store = RefLossStore.open(args.regate.ref_store, dataset=self.train_data,
-                                           tokenizer=self.tokenizer)
+            self.store = open_reference(args.regate, self.train_data, self.tokenizer)
         if args.use_distributed_optimizer:
             check_distrib_optim_sharding(args.distrib_optim_sharding_type)
 
@@ -199,7 +198,7 @@ class Run:
                                 ("", "vision_model."))
 
     def _build_scorer(self):
-        from regate_megatron.scoring import ReGateScorer
+        from regate_megatron.scorer import ReGateScorer
 
         last_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         first_of_mp = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
@@ -207,7 +206,7 @@ class Run:
         return ReGateScorer(
             self.args.regate, self.store, self.tokenizer.vocab_size, group=dist.group.WORLD,
             dp_rank=self.dp_rank, dp_size=self.dp_size,
-            lookup_source=first_of_mp, loss_source=last_tp0,
+            lookup_source=first_of_mp, loss_source=last_tp0, seed=self.args.seed,
         )
 
     def _resume(self) -> None:

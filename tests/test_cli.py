@@ -263,3 +263,65 @@ def test_keep_ratio_one_is_the_dense_run(ws):
             assert a[key] == b[key], key
     # the ReGATE run's first (dense) step is the plain run's first step as well
     assert metrics(ws / "full.jsonl")[0]["lm_loss"] == plain[0]["lm_loss"]
+
+
+@pytest.mark.parametrize("selector", ["random", "excess"])
+def test_selector_resume_equals_uninterrupted(ws, selector):
+    """--regate-selector random (no store) / excess: stop at 2, resume to 4 == 4 straight, with
+    the regate run's schedule and keep counts (only the kept targets differ)."""
+    import shutil
+
+    from regate_megatron.checkpoint import iteration_dir
+
+    flags = [*REGATE, "--regate-selector", selector, "--language-model-checkpoint", "teacher"]
+    if selector == "excess":
+        flags += ["--regate-ref-store", "store"]
+    # 4 straight, saving at 2 and 4; the copy that stops at 2 is resumed to 4.
+    train(ws, *flags, "--train-iters", "4", "--save", f"{selector}_full", "--save-interval", "2",
+          "--metrics-jsonl", f"{selector}_full.jsonl")
+    stopped = ws / f"{selector}_at2"
+    shutil.copytree(ws / f"{selector}_full", stopped)
+    shutil.rmtree(iteration_dir(str(stopped), 4))
+    (stopped / "latest_checkpointed_iteration.txt").write_text("2")
+    train(ws, *flags, "--train-iters", "4", "--load", f"{selector}_at2", "--save",
+          f"{selector}_resumed", "--metrics-jsonl", f"{selector}_resumed.jsonl")
+    full = metrics(ws / f"{selector}_full.jsonl")
+    resumed = metrics(ws / f"{selector}_resumed.jsonl")
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed, strict=True):
+        for key in ("lm_loss", "keep_ratio", "kept_target_tokens", "cum_kept_target_tokens",
+                    "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+    want, got = _final_weights(ws, f"{selector}_full"), _final_weights(ws, f"{selector}_resumed")
+    for name in want:
+        np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+    regate = metrics(ws / "full.jsonl")
+    for key in ("keep_ratio", "kept_target_tokens", "target_tokens"):
+        assert [m[key] for m in full] == [m[key] for m in regate], key
+
+
+def test_ablate_on_a_llava_dataset(ws):
+    """regate-ablate on any LLaVA data set (data, tokenizer, store, teacher, and the model flags
+    after --), with a teacher ablation store built from a checkpoint; a second call skips the
+    finished runs."""
+    model = [f for i, f in enumerate(TINY) if "--seed" not in TINY[max(i - 1, 0):i + 1]]
+    cmd = ["regate_megatron.ablate", "--workdir", "abl", "--data-path", "train.json",
+           "--valid-data-path", "valid.json", "--tokenizer-model", "tok.model",
+           "--ref-store", "store", "--language-model-checkpoint", "teacher",
+           "--variants", "random", "excess", "--seeds", "1", "--steps", "2",
+           "--eval-interval", "2", "--eval-batches", "1", "--teacher-checkpoints", "teacher",
+           "--", *model, "--eval-max-new-tokens", "4"]
+    proc = _run(cmd, ws)
+    result = json.loads((ws / "abl" / "ablation.json").read_text())
+    assert sorted(result["runs"]) == ["dense-s1234", "excess-s1234", "random-s1234",
+                                      "teacher-teacher-s1234"]
+    assert sorted(result["variants"]) == ["dense", "excess", "random", "teacher-teacher"]
+    assert "| random |" in proc.stdout and (ws / "abl" / "ablation.png").stat().st_size > 0
+    rows = metrics(ws / "abl" / "runs" / "random-s1234.jsonl")
+    assert [m["keep_ratio"] for m in rows] == [1.0, 0.3] and rows[-1]["eval_samples"] == 4
+    again = _run(cmd, ws)
+    assert "0 runs executed, 4 already finished" in again.stdout
+    (ws / "abl" / "runs" / "excess-s1234.jsonl").unlink()  # as if still running
+    split = cmd.index("--")
+    partial = _run([*cmd[:split], "--report-only", *cmd[split:]], ws)
+    assert "over the 3 finished of 4 runs" in partial.stdout and "| excess |" not in partial.stdout

@@ -13,6 +13,7 @@ FROZEN_FLAGS = [
     "--regate-layers",
     "--regate-pad-multiple",
     "--regate-ema-decay",
+    "--regate-selector",
     "--regate-lambda",
     "--regate-score-norm",
     "--regate-select-scope",

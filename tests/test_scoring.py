@@ -10,13 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 from dist import run_world
 from regate_megatron.config import ReGateConfig
-from regate_megatron.scoring import (
-    EmaTable,
-    ReGateScorer,
-    difficulty_of,
-    fuse_scores,
-    normalize_scores,
-)
+from regate_megatron.ema_table import EmaTable
+from regate_megatron.scorer import ReGateScorer
+from regate_megatron.scores import difficulty_of, fuse_scores, normalize_scores
 from regate_megatron.selection import keep_count
 
 NAN = float("nan")

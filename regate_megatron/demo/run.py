@@ -23,7 +23,8 @@ import sys
 import time
 from typing import List, Optional
 
-__all__ = ["main"]
+__all__ = ["main", "build_inputs", "train_teacher", "precompute_refs", "student_command",
+           "run_stage"]
 
 # The student (and teacher) architecture: Megatron-LM flags, shared by every stage.
 MODEL = [
@@ -36,28 +37,83 @@ MODEL = [
 IMAGE = ["--seq-length", "80", "--img-h", "8", "--img-w", "8", "--patch-dim", "2"]
 
 
-def _stage(title: str, cmd: List[str], cwd: str) -> float:
-    """Run one stage's command (inheriting stdout/stderr for its progress bar)."""
-    print(f"\n=== {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+def run_stage(title: str, cmd: List[str], cwd: str, *, quiet: bool = False) -> float:
+    """Run one stage's command; returns its wall seconds. It inherits stdout/stderr (its own
+    progress bar), or with ``quiet`` writes them to ``<cwd>/logs/<first word of title>.log``."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env)
+    if quiet:
+        os.makedirs(os.path.join(cwd, "logs"), exist_ok=True)
+        log_path = os.path.join(cwd, "logs", title.split()[0].strip(":") + ".log")
+        with open(log_path, "w") as log:
+            log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            log.flush()
+            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        where = f"; see {log_path}"
+    else:
+        print(f"\n=== {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        proc = subprocess.run(cmd, cwd=cwd, env=env)
+        where = ""
     if proc.returncode != 0:
-        raise SystemExit(f"regate-demo: stage '{title}' failed with exit code {proc.returncode}")
+        raise SystemExit(f"stage '{title}' failed with exit code {proc.returncode}{where}")
     return time.perf_counter() - start
 
 
-def _student(name: str, args, extra: List[str]) -> List[str]:
+def build_inputs(work: str) -> dict:
+    """digits-VQA under ``work/data`` and a SentencePiece tokenizer ``work/tokenizer.model``."""
+    from regate_megatron.demo.digits import build_digits_vqa
+    from regate_megatron.tokenizer import train_sentencepiece
+
+    data = build_digits_vqa(os.path.join(work, "data"), seed=0)
+    train_sentencepiece(data["corpus"], os.path.join(work, "tokenizer"), vocab_size=256)
+    return data
+
+
+def train_teacher(work: str, *, steps: int, batch_size: int, seed: int, out: str = "teacher",
+                  quiet: bool = False) -> float:
+    """A small text-only teacher LM on the answers (`regate-train --text-only`) -> ``out``."""
+    return run_stage(f"{out}: a small text-only LM on the answers (regate-train --text-only)", [
+        sys.executable, "-m", "regate_megatron.train", *MODEL, "--text-only",
+        "--data-path", "data/train.json", "--tokenizer-model", "tokenizer.model",
+        "--micro-batch-size", str(batch_size), "--train-iters", str(steps),
+        "--lr", "2e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
+        "--weight-decay", "0.0", "--seed", str(seed), "--save", out,
+        *(["--no-progress"] if quiet else []),
+    ], work, quiet=quiet)
+
+
+def precompute_refs(work: str, teacher: str, out: str, *, data_path: str = "data/train.json",
+                    tokenizer: str = "tokenizer.model", layout: Optional[List[str]] = None,
+                    quiet: bool = False) -> float:
+    """Reference losses of ``teacher`` on the training records (`regate-precompute-ref`);
+    ``layout``: the sequence/image flags (default: the demo's)."""
+    return run_stage(f"{os.path.basename(out)}: reference losses (regate-precompute-ref)", [
+        sys.executable, "-m", "regate_megatron.precompute", "--data-path", data_path,
+        "--tokenizer-model", tokenizer, "--load", teacher, "--output", out,
+        *(IMAGE if layout is None else layout), "--micro-batch-size", "64",
+        *(["--no-progress"] if quiet else []),
+    ], work, quiet=quiet)
+
+
+def student_command(name: str, args, extra: List[str], *, data_path: str = "data/train.json",
+                    valid_data_path: str = "data/valid.json",
+                    tokenizer: str = "tokenizer.model", init: Optional[str] = "teacher",
+                    model: Optional[List[str]] = None, save: bool = True) -> List[str]:
+    """The `regate-train` command of one student: ``args`` gives batch_size, steps,
+    eval_interval, eval_batches and seed; it writes ``<name>.jsonl`` and (``save``) the final
+    checkpoint ``<name>_ckpt``."""
     return [
-        sys.executable, "-m", "regate_megatron.train", *MODEL,
-        "--data-path", "data/train.json", "--valid-data-path", "data/valid.json",
-        "--tokenizer-model", "tokenizer.model", "--language-model-checkpoint", "teacher",
+        sys.executable, "-m", "regate_megatron.train", *(MODEL if model is None else model),
+        "--data-path", data_path, "--valid-data-path", valid_data_path,
+        "--tokenizer-model", tokenizer,
+        *(["--language-model-checkpoint", init] if init else []),
         "--micro-batch-size", str(args.batch_size), "--train-iters", str(args.steps),
         "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
         "--lr-warmup-iters", str(max(1, args.steps // 20)), "--weight-decay", "0.0",
         "--eval-interval", str(args.eval_interval), "--eval-iters", str(args.eval_batches),
         "--eval-max-new-tokens", "40", "--seed", str(args.seed),
-        "--metrics-jsonl", f"{name}.jsonl", "--save", f"{name}_ckpt", *extra,
+        "--metrics-jsonl", f"{name}.jsonl", *(["--save", f"{name}_ckpt"] if save else []),
+        *extra,
     ]
 
 
@@ -82,41 +138,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(work, exist_ok=True)
     total = time.perf_counter()
 
-    from regate_megatron.demo.digits import build_digits_vqa
-    from regate_megatron.tokenizer import train_sentencepiece
-
     print("=== build digits-VQA and the tokenizer", flush=True)
-    data = build_digits_vqa(os.path.join(work, "data"), seed=0)
-    train_sentencepiece(data["corpus"], os.path.join(work, "tokenizer"), vocab_size=256)
+    data = build_inputs(work)
     print(f"data: {data['train']} / {data['valid']}; tokenizer: {work}/tokenizer.model", flush=True)
 
-    for name in ("teacher", "dense_ckpt", "regate_ckpt", "ref_store", "dense.jsonl", "regate.jsonl"):
+    for name in ("teacher", "dense_ckpt", "regate_ckpt", "ref_store", "dense.jsonl",
+                 "regate.jsonl"):
         path = os.path.join(work, name)
         if os.path.exists(path):  # a fresh run each time: never mix with an earlier demo
             import shutil
 
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    _stage("teacher: a small text-only LM on the answers (regate-train --text-only)", [
-        sys.executable, "-m", "regate_megatron.train", *MODEL, "--text-only",
-        "--data-path", "data/train.json", "--tokenizer-model", "tokenizer.model",
-        "--micro-batch-size", str(args.batch_size), "--train-iters", str(args.teacher_steps),
-        "--lr", "2e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "10",
-        "--weight-decay", "0.0", "--seed", str(args.seed), "--save", "teacher",
-    ], work)
-    precompute_s = _stage("reference losses (regate-precompute-ref)", [
-        sys.executable, "-m", "regate_megatron.precompute", "--data-path", "data/train.json",
-        "--tokenizer-model", "tokenizer.model", "--load", "teacher", "--output", "ref_store",
-        *IMAGE, "--micro-batch-size", "64",
-    ], work)
-    _stage("dense student (stock Megatron-Core LLaVA)", _student("dense", args, []), work)
-    _stage("ReGATE student", _student("regate", args, [
+    train_teacher(work, steps=args.teacher_steps, batch_size=args.batch_size, seed=args.seed)
+    precompute_s = precompute_refs(work, "teacher", "ref_store")
+    run_stage("dense student (stock Megatron-Core LLaVA)", student_command("dense", args, []), work)
+    run_stage("ReGATE student", student_command("regate", args, [
         "--regate", "--regate-ref-store", "ref_store", "--regate-keep-ratio", str(args.keep_ratio),
         "--regate-schedule", "cyclic", "--regate-cycle-steps", "10", "--regate-dense-steps", "1",
     ]), work)
 
     from regate_megatron.demo.report import (
-        format_table, load_metrics, plot_accuracy_vs_tokens, summary_line, time_to_accuracy,
+        format_table,
+        load_metrics,
+        plot_accuracy_vs_tokens,
+        summary_line,
+        time_to_accuracy,
     )
     from regate_megatron.inspect_refs import main as inspect_main
 
