@@ -41,12 +41,12 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from regate_megatron.guard import check_params_finite
 from regate_megatron.optimizer_state import (
     distributed_optimizer_sharded_state_dict,
     fix_optimizer_step_after_load,
     load_distributed_optimizer_state,
 )
-from regate_megatron.guard import check_params_finite
 
 __all__ = [
     "TRACKER",
@@ -234,7 +234,8 @@ def save_checkpoint(
     state["iteration"] = iteration
     state.setdefault("world_size", dist.get_world_size())
     if optimizer is not None:
-        state["distributed_optimizer"] = bool(getattr(optimizer.config, "use_distributed_optimizer", False))
+        state["distributed_optimizer"] = bool(
+            getattr(optimizer.config, "use_distributed_optimizer", False))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp)

@@ -278,7 +278,8 @@ def _patch_tensor_type_checks() -> None:
 
     _install(DistributedOptimizer, "__init__", _report_cuda_type_during)
     # --bf16 / --fp16 without the distributed optimizer: the same check on the fp16 params.
-    _install(mcore_optimizer.Float16OptimizerWithFloat16Params, "__init__", _report_cuda_type_during)
+    _install(mcore_optimizer.Float16OptimizerWithFloat16Params, "__init__",
+             _report_cuda_type_during)
     _install(clip_grads, "clip_grad_by_total_norm_fp32", _report_cuda_type_during)
     # optimizer.py imported the function by name; point that name at the same wrapper.
     mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32

@@ -428,7 +428,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         for turn in conversations:
             if turn["from"] == "human":
                 segments = turn["value"].split(IMAGE_PLACEHOLDER)
-                add(self._user_prefix_ids if not segments[0] else tok.encode(_USER_PREFIX + segments[0]))
+                add(self._user_prefix_ids if not segments[0]
+                    else tok.encode(_USER_PREFIX + segments[0]))
                 for segment in segments[1:]:
                     add([IMAGE_TOKEN_INDEX] * self.num_image_tokens)
                     if segment:

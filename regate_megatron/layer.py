@@ -27,7 +27,8 @@ class ReGateTransformerLayer(TransformerLayer):
         route = self.token_router.active if self.token_router is not None else None
         if route is None:
             return super().forward(hidden_states=hidden_states, **kwargs)
-        if kwargs.get("packed_seq_params") is not None or kwargs.get("inference_context") is not None:
+        if (kwargs.get("packed_seq_params") is not None
+                or kwargs.get("inference_context") is not None):
             raise ValueError(
                 "ReGATE routing supports training with [s, b, h] batches only: "
                 "packed_seq_params and inference_context must be None"

@@ -22,8 +22,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -32,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
+from torch import Tensor
 
 __all__ = ["TorchSDPACoreAttention", "SequenceParallelTorchNorm"]
 
@@ -102,7 +101,8 @@ class TorchSDPACoreAttention(MegatronModule):
                 f"TorchSDPACoreAttention supports only softmax_type='vanilla', "
                 f"got softmax_type={config.softmax_type!r}; use DotProductAttention or TE."
             )
-        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
+                                     layer_number):
             raise ValueError(
                 f"TorchSDPACoreAttention does not support sliding window attention "
                 f"(window_size={config.window_size}); unset window_size or use "
@@ -189,7 +189,8 @@ class TorchSDPACoreAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> Tensor:
-        """Attend. query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> ``[sq, b, np*hn]``."""
+        """Attend. query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]``
+        -> ``[sq, b, np*hn]``."""
         if packed_seq_params is not None:
             raise NotImplementedError(
                 "TorchSDPACoreAttention does not support packed sequences (packed_seq_params); "
@@ -293,5 +294,5 @@ class SequenceParallelTorchNorm:
 
         if config.sequence_parallel:
             for param in norm.parameters():
-                setattr(param, "sequence_parallel", True)
+                param.sequence_parallel = True
         return norm

@@ -114,7 +114,8 @@ class MetricsLogger:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         elif step % self.args.log_interval == 0 or "eval_accuracy" in metrics:
-            extra = (f" eval_acc {metrics['eval_accuracy']:.4f} eval_loss {metrics['eval_loss']:.4f}"
+            extra = (f" eval_acc {metrics['eval_accuracy']:.4f}"
+                     f" eval_loss {metrics['eval_loss']:.4f}"
                      if "eval_accuracy" in metrics else "")
             print(f"[regate-train] step {step} loss {metrics['lm_loss']:.4f} rho "
                   f"{metrics['keep_ratio']:.3f} kept {metrics['kept_target_tokens']:.0f}/"

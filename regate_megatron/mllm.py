@@ -26,7 +26,12 @@ from megatron.core import parallel_state as ps
 from megatron.core.enums import ModelType
 from megatron.core.models.multimodal.llava_model import LLaVAModel
 
-from regate_megatron.arguments import language_config, projection_config, spec_backend, vision_config
+from regate_megatron.arguments import (
+    language_config,
+    projection_config,
+    spec_backend,
+    vision_config,
+)
 from regate_megatron.config import ReGateConfig
 from regate_megatron.data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch
 from regate_megatron.model import ReGateGPTModel
@@ -104,7 +109,9 @@ def llava_inputs(batch: Batch, image_tokens: int, dtype: torch.dtype = torch.flo
 
 def _vision_layer_spec(backend: str):
     if backend == "te":
-        from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
+        from megatron.core.models.vision.vit_layer_specs import (
+            get_vit_layer_with_transformer_engine_spec,
+        )
 
         return get_vit_layer_with_transformer_engine_spec()
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec

@@ -34,7 +34,8 @@ class ReGateGPTModel(GPTModel):
         self._attach_router(regate_config or ReGateConfig())
 
     @classmethod
-    def adopt(cls, model: GPTModel, regate_config: Optional[ReGateConfig] = None) -> "ReGateGPTModel":
+    def adopt(cls, model: GPTModel,
+              regate_config: Optional[ReGateConfig] = None) -> "ReGateGPTModel":
         """Turn a `GPTModel` built elsewhere (e.g. inside Megatron-Core's `LLaVAModel`,
         which constructs its language model itself) into a `ReGateGPTModel` in place.
         Its decoder must come from the ReGATE spec; no parameter changes."""
@@ -52,7 +53,8 @@ class ReGateGPTModel(GPTModel):
                 "use 'selective' or no recomputation"
             )
         if config.mtp_num_layers:
-            raise ValueError("ReGATE routing does not support multi-token prediction (--mtp-num-layers)")
+            raise ValueError(
+                "ReGATE routing does not support multi-token prediction (--mtp-num-layers)")
         if config.apply_rope_fusion:
             raise ValueError(
                 "ReGATE routing needs per-token rotary tables; turn off --apply-rope-fusion"
@@ -111,13 +113,17 @@ class ReGateGPTModel(GPTModel):
         multiple = route.multiple if self.config.sequence_parallel else 1
         width = max(-(-n // multiple) * multiple, multiple)
         padded = torch.cat([rows, rows.new_zeros(width - n)])  # pad rows are discarded below
-        compact = route.select_rows(hidden_states, padded, width)  # [s(/tp), b, h] -> [width(/tp), 1, h]
+        # [s(/tp), b, h] -> [width(/tp), 1, h]
+        compact = route.select_rows(hidden_states, padded, width)
         if labels is None:
-            logits = super()._postprocess(hidden_states=compact, labels=None, **kwargs)  # [1, width, V]
+            # [1, width, V]
+            logits = super()._postprocess(hidden_states=compact, labels=None, **kwargs)
             vocab = logits.shape[-1]
             out = logits.new_zeros(s * b, vocab).index_copy(0, rows, logits[0, :n])
             return out.view(s, b, vocab).transpose(0, 1)  # [s*b, V] -> [b, s, V]
-        compact_labels = labels.t().reshape(-1).index_select(0, padded).view(1, width)  # [b, s] -> [1, width]
-        loss = super()._postprocess(hidden_states=compact, labels=compact_labels, **kwargs)  # [1, width]
+        # [b, s] -> [1, width]
+        compact_labels = labels.t().reshape(-1).index_select(0, padded).view(1, width)
+        # [1, width]
+        loss = super()._postprocess(hidden_states=compact, labels=compact_labels, **kwargs)
         out = loss.new_zeros(s * b).index_copy(0, rows, loss[0, :n])
         return out.view(s, b).t()  # [s*b] -> [b, s]

@@ -302,7 +302,8 @@ class StoreBuilder:
                 raise ValueError(self._conflict("holds a finished store built with", existing))
             self.finished = True  # nothing to do: the store is already built
             return
-        if os.path.isdir(self.out_dir) and not os.path.isdir(self.shard_dir) and os.listdir(self.out_dir):
+        if (os.path.isdir(self.out_dir) and not os.path.isdir(self.shard_dir)
+                and os.listdir(self.out_dir)):
             raise ValueError(
                 f"{self.out_dir} is not empty and holds no reference-loss build; "
                 f"use an empty or new directory"
@@ -353,7 +354,8 @@ class StoreBuilder:
             if not os.path.isfile(self._shard_path(k))
         ]
 
-    def write_shard(self, shard_sample_ids: Sequence[int], values_per_sample: Sequence[np.ndarray]) -> None:
+    def write_shard(self, shard_sample_ids: Sequence[int],
+                    values_per_sample: Sequence[np.ndarray]) -> None:
         """Record one shard's losses (``values_per_sample[j]`` for ``shard_sample_ids[j]``)."""
         ids = [int(i) for i in shard_sample_ids]
         k = ids[0] // self.shard_size if ids else -1
@@ -390,7 +392,8 @@ class StoreBuilder:
         expected = np.asarray(target_counts, dtype=np.int64)
         if expected.shape != (self.num_samples,):
             raise ValueError(
-                f"finalize: target_counts has shape {expected.shape}, expected ({self.num_samples},)"
+                f"finalize: target_counts has shape {expected.shape}, "
+                f"expected ({self.num_samples},)"
             )
         if self.finished:
             store = RefLossStore.open(self.out_dir)

@@ -92,7 +92,8 @@ class ActiveRoute:
         return self._local(out.view(full.shape))
 
     def rotary(self, rotary_pos_emb):
-        """Rotary table at the kept tokens' original positions: [s, 1|b, 1, d] -> [L_pad, b, 1, d]."""
+        """Rotary table at the kept tokens' original positions:
+        [s, 1|b, 1, d] -> [L_pad, b, 1, d]."""
         if rotary_pos_emb is None:
             return None
         if isinstance(rotary_pos_emb, tuple):
@@ -143,7 +144,8 @@ class TokenRouter:
     def bind(self, layers: Sequence[torch.nn.Module]) -> None:
         """Attach to one stage's decoder layers (in order); marks where the span opens
         and closes on this stage."""
-        routed: List[torch.nn.Module] = [l for l in layers if self.covers(l.layer_number)]
+        routed: List[torch.nn.Module] = [
+            layer for layer in layers if self.covers(layer.layer_number)]
         for layer in layers:
             if not hasattr(layer, "token_router"):
                 raise TypeError(

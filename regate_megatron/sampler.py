@@ -42,7 +42,8 @@ def batch_positions(consumed_samples: int, num_samples: int, global_batch_size: 
     return out
 
 
-def global_batch_positions(step: int, num_samples: int, global_batch_size: int, seed: int) -> List[int]:
+def global_batch_positions(step: int, num_samples: int, global_batch_size: int,
+                           seed: int) -> List[int]:
     """Dataset positions of step `step`'s global batch (a constant global batch size)."""
     return batch_positions(step * global_batch_size, num_samples, global_batch_size, seed)
 

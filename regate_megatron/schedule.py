@@ -59,7 +59,8 @@ def mean_keep_ratio(config: ReGateConfig, train_iters: int) -> float:
     """
     if (isinstance(train_iters, bool) or not isinstance(train_iters, numbers.Integral)
             or train_iters < 1):
-        raise ValueError(f"mean_keep_ratio: train_iters must be an integer >= 1, got {train_iters!r}")
+        raise ValueError(
+            f"mean_keep_ratio: train_iters must be an integer >= 1, got {train_iters!r}")
     warmup = min(config.warmup_steps, train_iters)
     total = float(warmup)  # warmup steps are dense
     after = train_iters - warmup

@@ -61,7 +61,8 @@ class TokenSelection:
         valid = ki != PAD
         counts = valid.sum(dim=1)
         if ki.shape[1] == 0 or bool((counts == 0).any()):
-            bad = (counts == 0).nonzero().flatten().tolist() if ki.shape[1] else list(range(ki.shape[0]))
+            bad = ((counts == 0).nonzero().flatten().tolist() if ki.shape[1]
+                   else list(range(ki.shape[0])))
             raise ValueError(
                 f"keep_index: sample(s) {bad} keep no token; every sample must keep at "
                 f"least one position (context tokens are always kept)"
@@ -138,7 +139,8 @@ class TokenSelection:
         """[b, s] bool, True at kept positions."""
         def build():
             mask = torch.zeros_like(self.target_mask)
-            rows = torch.arange(self.batch_size, device=mask.device)[:, None].expand_as(self.keep_index)
+            rows = torch.arange(self.batch_size, device=mask.device)[:, None].expand_as(
+                self.keep_index)
             valid = self.keep_index != PAD
             mask[rows[valid], self.keep_index[valid]] = True
             return mask
@@ -214,7 +216,8 @@ def select_top_targets(
     # Targets first, by descending score; a stable sort keeps lower positions first on ties.
     masked = scores.masked_fill(~target_mask, float("-inf"))
     order = masked.sort(dim=1, descending=True, stable=True).indices
-    order = order.gather(1, (~target_mask).gather(1, order).to(torch.int8).sort(dim=1, stable=True).indices)
+    order = order.gather(
+        1, (~target_mask).gather(1, order).to(torch.int8).sort(dim=1, stable=True).indices)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(s, device=scores.device).expand(b, s))
     keep = ~target_mask | (rank < k[:, None])

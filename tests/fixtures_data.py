@@ -71,7 +71,8 @@ def mixed_records(root) -> list:
     write_png(os.path.join(root, "red.png"), (255, 0, 0))
     np.save(os.path.join(root, "gray.npy"), np.full((6, 6), 0.25, dtype=np.float32))
     return [
-        {"id": "a", "image": "red.png", "conversations": conv("<image>\nwhat color is the cat?", "red")},
+        {"id": "a", "image": "red.png",
+         "conversations": conv("<image>\nwhat color is the cat?", "red")},
         {"id": "b", "conversations": conv("how many dogs are there?", "two dogs sit on a mat")},
         {"id": "c", "image": ["red.png", "gray.npy"],
          "conversations": conv("<image> and <image> what is in the picture?", "a cat and a box",

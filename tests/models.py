@@ -41,8 +41,10 @@ def build_gpt(config, routed=True, regate=None, position_embedding_type="rope", 
         config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=MAX_SEQ,
         position_embedding_type=position_embedding_type,
         share_embeddings_and_output_weights=False,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pre_process is None else pre_process,
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if post_process is None else post_process,
+        pre_process=(ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+                     if pre_process is None else pre_process),
+        post_process=(ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+                      if post_process is None else post_process),
         vp_stage=vp_stage,
     )
     if position_embedding_type == "mrope":
@@ -144,7 +146,8 @@ def run_schedule(model, batches, selections=None, forward_only=False, record=Non
 
     tokens = batches[0][0]
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks, num_microbatches=len(batches), seq_length=tokens.shape[1],
         micro_batch_size=tokens.shape[0], forward_only=forward_only,
     )

@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from fixtures_data import mixed_records, synthetic_corpus, write_records
 
 SEQ = 48
@@ -245,8 +244,9 @@ def test_bf16_and_optimizer_layout_guard(ws):
     rows = metrics(ws / "bf16.jsonl")
     assert len(rows) == 2 and all(np.isfinite(m["lm_loss"]) for m in rows)
     assert rows[1]["kept_target_tokens"] < rows[1]["target_tokens"]
-    proc = train(ws, *REGATE, "--regate-ref-store", "store", "--train-iters", "3", "--load", "ckpt2",
-                 "--use-distributed-optimizer", "--metrics-jsonl", "layout.jsonl", expect_ok=False)
+    proc = train(ws, *REGATE, "--regate-ref-store", "store", "--train-iters", "3",
+                 "--load", "ckpt2", "--use-distributed-optimizer",
+                 "--metrics-jsonl", "layout.jsonl", expect_ok=False)
     assert proc.returncode == 2 and "--use-distributed-optimizer" in proc.stderr
     assert not (ws / "layout.jsonl").exists()
 

@@ -4,8 +4,8 @@ Importing torch + megatron costs ~3 s per process, so every check that needs
 Megatron runs inside ONE spawned 2-rank world (``two_rank_world``, module
 scope): it walks through phases (attention, GPT, TP=2, PP=2), re-initialising
 Megatron's model-parallel state between them, and returns plain numbers that the
-tests below assert on. Checks that need only torch run in the pytest process (whether or not another test patched it);
-the import/idempotence check runs in a fresh interpreter.
+tests below assert on. Checks that need only torch run in the pytest process (whether
+or not another test patched it); the import/idempotence check runs in a fresh interpreter.
 
 With CUDA, apply_cpu_compat is a no-op and worlds would use NCCL, so the
 CPU/gloo tests skip there. The distributed-optimizer checkpoint fixes, which apply on GPUs
@@ -21,8 +21,8 @@ import types
 
 import pytest
 import torch
-
 from dist import WorldError, run_world
+
 from regate_megatron.cpu_compat import guard_pipeline_p2p
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -363,7 +363,8 @@ def _llava_loss(model) -> tuple:
     ids = torch.randint(0, VOCAB, (MBS, SEQ), generator=gen)
     ids[:, 1] = -200  # image token
     labels = torch.randint(0, VOCAB, (MBS, SEQ), generator=gen)
-    loss, _ = model(images, ids, position_ids(), None, labels=labels, loss_mask=torch.ones(MBS, SEQ))
+    loss, _ = model(images, ids, position_ids(), None, labels=labels,
+                    loss_mask=torch.ones(MBS, SEQ))
     loss.mean().backward()
     return loss.mean().item(), tuple(loss.shape)
 
@@ -372,8 +373,11 @@ def _phase_tensor_parallel() -> dict:
     """TP=2 (+ sequence parallel) against TP=1, RNG tracker semantics, LLaVA, norms."""
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     from regate_megatron.local_modules import SequenceParallelTorchNorm
 
@@ -384,7 +388,7 @@ def _phase_tensor_parallel() -> dict:
     reinit_parallel(tp=1)
     ref_config = tiny_config()
     ref_model = build_gpt(ref_config, sp_block_spec(ref_config))
-    ref_losses = [ref_model(t, position_ids(), None, labels=l).mean() for t, l in batches]
+    ref_losses = [ref_model(t, position_ids(), None, labels=labels).mean() for t, labels in batches]
     sum(ref_losses).backward()
     ref_params = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
     ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
@@ -400,7 +404,7 @@ def _phase_tensor_parallel() -> dict:
         for n, p in sp_model.named_parameters()
     )
     ddp = DistributedDataParallel(sp_config, DistributedDataParallelConfig(), sp_model)
-    sp_losses = [ddp(t, position_ids(), None, labels=l).mean() for t, l in batches]
+    sp_losses = [ddp(t, position_ids(), None, labels=labels).mean() for t, labels in batches]
     sum(sp_losses).backward()
     finalize_model_grads([ddp])  # all-reduces the `sequence_parallel` norm grads over TP
     out["sp_losses"] = [x.item() for x in sp_losses]
@@ -437,7 +441,8 @@ def _phase_tensor_parallel() -> dict:
     )
     dropout_model = build_gpt(dropout_config, sp_block_spec(dropout_config)).train()
     tokens, labels = batches[0]
-    out["sp_dropout_loss"] = dropout_model(tokens, position_ids(), None, labels=labels).mean().item()
+    out["sp_dropout_loss"] = dropout_model(
+        tokens, position_ids(), None, labels=labels).mean().item()
 
     # --- SequenceParallelTorchNorm unit checks.
     norms = {}
@@ -652,7 +657,8 @@ _PATCH_CHECK = textwrap.dedent(
 
 @cpu_gloo_only
 def test_import_patches_nothing_and_apply_is_idempotent():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-c", _PATCH_CHECK],
         cwd=REPO_ROOT,
@@ -867,7 +873,8 @@ def test_interleaved_pp2_vpp2_guard(two_rank_world):
     # Why the guard exists (Megatron-Core 0.16.1 + gloo): unguarded, activations and
     # gradients of the two directions swap with no error. If this starts to match,
     # upstream fixed it and the guard can be relaxed.
-    unguarded_grad_diff = max(r["pipeline"]["interleaved_unguarded"]["grad_diff"] for r in two_rank_world)
+    unguarded_grad_diff = max(
+        r["pipeline"]["interleaved_unguarded"]["grad_diff"] for r in two_rank_world)
     unguarded = _last_stage(two_rank_world, "interleaved_unguarded")
     assert unguarded["batch_p2p_comm"] is True
     assert unguarded_grad_diff > 1e-3 or unguarded["losses"] != pytest.approx(ref_losses, abs=1e-6)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-
 from fixtures_data import (  # noqa: F401 -- fixtures
     conv,
     mixed_records,
@@ -17,6 +16,7 @@ from fixtures_data import (  # noqa: F401 -- fixtures
     write_png,
     write_records,
 )
+
 from regate_megatron.data import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -68,7 +68,8 @@ def test_tokenizer_without_pad_falls_back_to_unk(tmp_path):
 
 def test_tokenizer_errors_name_the_path(tmp_path):
     missing = str(tmp_path / "missing.model")
-    with pytest.raises(FileNotFoundError, match="missing.model.*--tokenizer-model|--tokenizer-model.*missing.model"):
+    with pytest.raises(FileNotFoundError,
+                       match="missing.model.*--tokenizer-model|--tokenizer-model.*missing.model"):
         SentencePieceTokenizer(missing)
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"not a model")
@@ -98,7 +99,8 @@ def test_exact_token_layout(tmp_path, spm_tokenizer):
 
     # labels[i] = tokens[i+1]; IGNORE at the end and before an image slot.
     n = len(expected)
-    want_labels = [t if t != IMAGE_TOKEN_INDEX else IGNORE_INDEX for t in expected[1:]] + [IGNORE_INDEX]
+    want_labels = ([t if t != IMAGE_TOKEN_INDEX else IGNORE_INDEX for t in expected[1:]]
+                   + [IGNORE_INDEX])
     assert sample.labels.tolist() == want_labels
     # loss_mask[i] = 1 iff tokens[i+1] is an answer token or its eos.
     is_target = [0] * len(ctx1) + [1] * len(ans1) + [0] * len(ctx2) + [1] * len(ans2)
@@ -150,7 +152,8 @@ def test_fingerprint(tmp_path, spm_tokenizer):
 def test_png_jpeg_npy_images(tmp_path):
     red = load_image(write_png(tmp_path / "r.png", (255, 0, 0), size=(10, 12)), (8, 6))
     assert red.shape == (3, 8, 6) and red.dtype == torch.float32
-    assert torch.allclose(red[0], torch.ones(8, 6)) and torch.allclose(red[1:], -torch.ones(2, 8, 6))
+    assert torch.allclose(red[0], torch.ones(8, 6))
+    assert torch.allclose(red[1:], -torch.ones(2, 8, 6))
 
     jpg = load_image(write_png(tmp_path / "g.jpg", (0, 255, 0), fmt="JPEG"), 8)
     assert jpg.shape == (3, 8, 8)
@@ -165,7 +168,8 @@ def test_png_jpeg_npy_images(tmp_path):
     np.save(tmp_path / "hwc.npy", rgb_hwc)
     np.save(tmp_path / "chw.npy", rgb_hwc.transpose(2, 0, 1))
     np.save(tmp_path / "u8.npy", (rgb_hwc * 255).astype(np.uint8))
-    hwc, chw = load_image(str(tmp_path / "hwc.npy"), (4, 4)), load_image(str(tmp_path / "chw.npy"), (4, 4))
+    hwc = load_image(str(tmp_path / "hwc.npy"), (4, 4))
+    chw = load_image(str(tmp_path / "chw.npy"), (4, 4))
     assert hwc.shape == (3, 4, 4) and torch.equal(hwc, chw)
     ref = torch.nn.functional.interpolate(
         torch.from_numpy(rgb_hwc).permute(2, 0, 1)[None], size=(4, 4), mode="bilinear",
@@ -206,9 +210,11 @@ def _bad_cases(root):
                           "not an image"),
         "no assistant": ({"conversations": [{"from": "human", "value": "what?"}]},
                          "no assistant"),
-        "too few images": ({"image": "ok.png", "conversations": conv("<image><image> what?", "two")},
+        "too few images": ({"image": "ok.png",
+                            "conversations": conv("<image><image> what?", "two")},
                            "2 '<image>' placeholder.*1 image"),
-        "too many images": ({"image": ["ok.png", "ok.png"], "conversations": conv("<image> what?", "a")},
+        "too many images": ({"image": ["ok.png", "ok.png"],
+                             "conversations": conv("<image> what?", "a")},
                             "1 '<image>' placeholder.*2 image"),
         "image without placeholder": ({"image": "ok.png", "conversations": conv("what?", "a")},
                                       "0 '<image>' placeholder"),
@@ -241,7 +247,8 @@ def test_every_bad_record_is_reported(tmp_path, spm_tokenizer):
 
 def test_skip_bad_samples_keeps_sample_ids(tmp_path, spm_tokenizer):
     cases = _bad_cases(tmp_path)
-    good = [{"id": f"g{i}", "conversations": conv("what is it?", "a" + " cat" * i)} for i in range(3)]
+    good = [{"id": f"g{i}", "conversations": conv("what is it?", "a" + " cat" * i)}
+            for i in range(3)]
     records = [good[0], cases["missing image"][0], good[1], cases["bad role"][0],
                cases["too long"][0], good[2]]
     path = write_records(tmp_path / "d.json", records)
@@ -276,7 +283,8 @@ def test_image_root(tmp_path, spm_tokenizer):
 def test_text_consumers_skip_pixels_but_not_checks(tmp_path, spm_tokenizer):
     """load_images=False (the teacher): same tokens, no pixels; missing images still fail."""
     path = write_records(tmp_path / "d.json", mixed_records(tmp_path))
-    full, text = make_dataset(path, spm_tokenizer), make_dataset(path, spm_tokenizer, load_images=False)
+    full = make_dataset(path, spm_tokenizer)
+    text = make_dataset(path, spm_tokenizer, load_images=False)
     for i in range(len(full)):
         assert torch.equal(full[i].tokens, text[i].tokens)
         assert torch.equal(full[i].loss_mask, text[i].loss_mask)

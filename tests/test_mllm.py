@@ -3,10 +3,10 @@ routing through LLaVA's language model."""
 
 import torch
 import torch.nn.functional as F
+from fixtures_data import conv, mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
 from megatron.core.models.multimodal.llava_model import LLaVAModel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from fixtures_data import conv, mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
 from regate_megatron.arguments import build_parser, fill_model_defaults, language_config
 from regate_megatron.config import ReGateConfig
 from regate_megatron.data import ConversationDataset, collate
@@ -35,7 +35,8 @@ def mixed_batch(tmp_path, tokenizer, args):
     records.append({"id": "adjacent", "image": ["red.png", "red.png"],
                     "conversations": conv("<image><image>\nwhat is it?", "a red box")})
     path = write_records(tmp_path / "data.json", records)
-    data = ConversationDataset(path, tokenizer, seq_length=SEQ, num_image_tokens=num_image_tokens(args),
+    data = ConversationDataset(path, tokenizer, seq_length=SEQ,
+                               num_image_tokens=num_image_tokens(args),
                                image_size=(args.img_h, args.img_w))
     return collate([data[0], data[1], data[2], data[4]], seq_length=SEQ, pad_id=tokenizer.pad_id)
 
@@ -54,7 +55,8 @@ def test_regate_llava_equals_stock_llava(megatron_world, tmp_path, spm_tokenizer
     torch.manual_seed(3)
     routed = build_model(args, VOCAB, regate_config=ReGateConfig(enabled=True, keep_ratio=0.5))
     config = language_config(args)
-    stock_spec = get_regate_decoder_block_spec(config, backend="local", layer_module=TransformerLayer)
+    stock_spec = get_regate_decoder_block_spec(config, backend="local",
+                                               layer_module=TransformerLayer)
     torch.manual_seed(3)
     common = dict(share_embeddings_and_output_weights=True, pre_process=True, post_process=True)
     stock = LLaVAModel(**llava_kwargs(args, VOCAB, config, stock_spec, "local", common))
@@ -171,7 +173,7 @@ def test_text_only_runs_keep_the_students_image_layout(megatron_world, tmp_path,
             "--train-iters", "1", "--lr", "1e-3", "--data-path", str(tmp_path / "d.json"),
             "--tokenizer-model", spm_model_path, "--transformer-impl", "local", "--no-progress"]
     teacher = Run(parse_args(argv + ["--text-only"])).setup()
-    student_layout = ConversationDataset(str(tmp_path / "d.json"), teacher.tokenizer, seq_length=SEQ,
-                                         num_image_tokens=4, image_size=(8, 8))
+    student_layout = ConversationDataset(str(tmp_path / "d.json"), teacher.tokenizer,
+                                         seq_length=SEQ, num_image_tokens=4, image_size=(8, 8))
     for i in range(len(student_layout)):
         assert torch.equal(teacher.train_data[i].tokens, student_layout[i].tokens)

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-
 from fixtures_data import mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
+
 from regate_megatron import ref_store as ref_store_mod
 from regate_megatron.data import ConversationDataset
 from regate_megatron.ref_store import FORMAT_VERSION, RefLossStore, StoreBuilder, write_store
@@ -71,8 +71,10 @@ def test_open_validates_against_dataset_and_tokenizer(tmp_path, dataset, spm_tok
 
     # sample count
     write_store(str(path), _losses(dataset.target_counts()[:3]),
-                _meta(tokenizer_sha256=spm_tokenizer.sha256, dataset_fingerprint=dataset.fingerprint))
-    with pytest.raises(ValueError, match=r"sample count mismatch.*3 samples.*4 records.*regate-precompute-ref"):
+                _meta(tokenizer_sha256=spm_tokenizer.sha256,
+                      dataset_fingerprint=dataset.fingerprint))
+    with pytest.raises(ValueError, match=r"sample count mismatch.*3 samples.*4 records"
+                                         r".*regate-precompute-ref"):
         RefLossStore.open(str(path), dataset=dataset)
 
     # dataset fingerprint
@@ -91,7 +93,8 @@ def test_open_validates_against_dataset_and_tokenizer(tmp_path, dataset, spm_tok
     counts = dataset.target_counts()
     counts[2] += 1
     _dataset_store(path, dataset, spm_tokenizer, counts=counts)
-    with pytest.raises(ValueError, match=r"per-sample target count mismatch: sample 2 .*regate-precompute-ref"):
+    with pytest.raises(ValueError,
+                       match=r"per-sample target count mismatch: sample 2 .*regate-precompute-ref"):
         RefLossStore.open(str(path), dataset=dataset, tokenizer=spm_tokenizer)
 
 
@@ -185,8 +188,10 @@ def test_two_rank_build_equals_one_rank_build(tmp_path):
 
 
 def test_shards_are_round_robin(tmp_path):
-    b0 = StoreBuilder(str(tmp_path), num_samples=11, rank=0, world_size=2, shard_size=3, meta=_meta())
-    b1 = StoreBuilder(str(tmp_path), num_samples=11, rank=1, world_size=2, shard_size=3, meta=_meta())
+    b0 = StoreBuilder(str(tmp_path), num_samples=11, rank=0, world_size=2, shard_size=3,
+                      meta=_meta())
+    b1 = StoreBuilder(str(tmp_path), num_samples=11, rank=1, world_size=2, shard_size=3,
+                      meta=_meta())
     assert b0.pending_shards() == [[0, 1, 2], [6, 7, 8]]
     assert b1.pending_shards() == [[3, 4, 5], [9, 10]]
     with pytest.raises(ValueError, match="not one shard"):
@@ -231,7 +236,8 @@ def test_interrupted_build_resumes(tmp_path, monkeypatch):
 def test_different_meta_is_an_error(tmp_path):
     out = tmp_path / "store"
     _run_rank(out, 0, 1, stop_after=1)
-    with pytest.raises(ValueError, match=r"meta\.teacher differ.*remove the directory or use a new one"):
+    with pytest.raises(ValueError,
+                       match=r"meta\.teacher differ.*remove the directory or use a new one"):
         _run_rank(out, 0, 1, meta=_meta(teacher="another-teacher"))
     with pytest.raises(ValueError, match=r"shard_size differ"):
         _run_rank(out, 0, 1, shard_size=4)

@@ -4,11 +4,10 @@ and every bad input fails before compute."""
 
 import pytest
 import torch
+from models import build_gpt, make_batch, tiny_config
 
 from regate_megatron.config import ReGateConfig
-from regate_megatron.selection import TokenSelection, select_top_targets
-
-from models import build_gpt, load_full_weights, make_batch, tiny_config
+from regate_megatron.selection import select_top_targets
 
 
 def _stock_and_routed(config, **regate):
@@ -55,7 +54,8 @@ def test_kept_logits_equal_dense_run_on_compacted_sequence(megatron_world):
             ref = dense(tokens[i:i + 1, keep], ids.expand(3, 1, -1), None)[0]
             torch.testing.assert_close(logits[i, keep], ref, rtol=1e-5, atol=1e-5)
             # Renumbering positions 0..k-1 changes the logits: the check sees positions.
-            shifted = dense(tokens[i:i + 1, keep], torch.arange(keep.numel())[None].expand(3, 1, -1), None)[0]
+            shifted = dense(tokens[i:i + 1, keep],
+                            torch.arange(keep.numel())[None].expand(3, 1, -1), None)[0]
             assert (logits[i, keep] - shifted).abs().max() > 1e-2
             # Elided positions get no logits at all.
             elided = torch.ones(tokens.shape[1], dtype=torch.bool)

@@ -4,14 +4,17 @@ the indices computed once on its group's first rank."""
 
 import pytest
 import torch
-
-from regate_megatron.config import ReGateConfig
-from regate_megatron.selection import broadcast_selections, select_top_targets
-
 from dist import run_world
 from models import (
-    build_gpt, full_grads, load_full_weights, make_batch, run_schedule, tiny_config,
+    build_gpt,
+    full_grads,
+    load_full_weights,
+    make_batch,
+    run_schedule,
+    tiny_config,
 )
+
+from regate_megatron.selection import broadcast_selections, select_top_targets
 
 KEEP = 0.4
 NUM_LAYERS = 4
@@ -49,11 +52,11 @@ def _parallel_checks(rank, full_state, sequence_parallel):
         routed = build_gpt(config, routed=True)
         load_full_weights(routed, full_state)
         losses = run_schedule(routed, plain, _shared_selections(batches, keep_ratio))
-        results[keep_ratio] = ([l["lm loss"] for l in losses], full_grads(routed))
+        results[keep_ratio] = ([loss["lm loss"] for loss in losses], full_grads(routed))
     stock = build_gpt(config, routed=False)
     load_full_weights(stock, full_state)
     losses = run_schedule(stock, plain)
-    results["stock"] = ([l["lm loss"] for l in losses], full_grads(stock))
+    results["stock"] = ([loss["lm loss"] for loss in losses], full_grads(stock))
     return results
 
 
@@ -64,7 +67,7 @@ def _reference(keep_ratio):
     batches = _batches()
     losses = run_schedule(model, [b for b, _ in batches], _selections(batches, keep_ratio))
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return [l["lm loss"] for l in losses], full_grads(model), state
+    return [loss["lm loss"] for loss in losses], full_grads(model), state
 
 
 def _assert_same(result, reference, exact):
@@ -95,8 +98,6 @@ def test_parallel_router_matches_stock_and_single_rank(megatron_world, tp, pp, s
 
 def _interleaved(rank, full_state):
     """PP2 x VPP2: every rank holds two chunks, each with its own router and span ends."""
-    from megatron.core import parallel_state as ps
-
     from regate_megatron.cpu_compat import guard_pipeline_p2p
 
     config = tiny_config(num_layers=NUM_LAYERS, virtual_pipeline_model_parallel_size=2)
@@ -106,17 +107,18 @@ def _interleaved(rank, full_state):
         load_full_weights(chunk, full_state)
     batches = _batches()
     used = []
-    losses = run_schedule(chunks, [b for b, _ in batches], _shared_selections(batches, KEEP), record=used)
+    losses = run_schedule(chunks, [b for b, _ in batches], _shared_selections(batches, KEEP),
+                          record=used)
     grads = {}
     for chunk in chunks:
         grads.update(full_grads(chunk))
-    return [l["lm loss"] for l in losses], grads, len(used)
+    return [loss["lm loss"] for loss in losses], grads, len(used)
 
 
 def test_interleaved_pipeline_routes_like_single_rank(megatron_world):
     ref_losses, ref_grads, state = _reference(KEEP)
     results = run_world(_interleaved, 2, pp=2, vpp=2, full_state=state)
-    for losses, grads, used in results:
+    for _losses, grads, used in results:
         assert used == 2 * MICRO_BATCHES  # both chunks routed both micro-batches
         _assert_same(([], grads), ([], ref_grads), exact=False)
     assert sum(len(r[1]) for r in results) == len(ref_grads)  # every parameter compared
@@ -127,7 +129,9 @@ def _train_step(rank):
     """TP2 x PP2 x DP2: one optimizer step at ρ < 1 with DDP + distributed optimizer."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
-        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -155,9 +159,11 @@ def _train_step(rank):
     ok, grad_norm, _ = optimizer.step()
     moved = sum(not torch.equal(p, before[k]) for k, p in module.named_parameters())
     return dict(
-        dp=dp_rank, mp_group=tuple(sorted(torch.distributed.get_process_group_ranks(ps.get_model_parallel_group()))),
+        dp=dp_rank,
+        mp_group=tuple(sorted(
+            torch.distributed.get_process_group_ranks(ps.get_model_parallel_group()))),
         used=[u.tolist() for u in used], sent=[s.keep_index.tolist() for s in selections],
-        losses=[float(l["lm loss"]) for l in losses], ok=ok, grad_norm=float(grad_norm),
+        losses=[float(loss["lm loss"]) for loss in losses], ok=ok, grad_norm=float(grad_norm),
         moved=moved, params=len(before),
         weights={k: p.detach().clone() for k, p in module.named_parameters()},
         stage=ps.get_pipeline_model_parallel_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -179,7 +185,7 @@ def test_tp2_pp2_dp2_training_step_routes_identically(megatron_world):
     a, b = groups.values()
     assert a[0]["used"] != b[0]["used"]  # replicas saw different data, so different picks
     losses = [r["losses"] for r in results if r["losses"]]
-    assert len(losses) == 4 and all(len(l) == MICRO_BATCHES for l in losses)
+    assert len(losses) == 4 and all(len(rank_losses) == MICRO_BATCHES for rank_losses in losses)
     # Data-parallel replicas hold identical weights after the step.
     by_coord = {}
     for r in results:

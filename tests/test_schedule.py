@@ -3,7 +3,8 @@
 import math
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from regate_megatron.config import ReGateConfig
 from regate_megatron.schedule import keep_ratio_at, mean_keep_ratio

@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from dist import run_world
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from regate_megatron.config import ReGateConfig
 from regate_megatron.ema_table import EmaTable
 from regate_megatron.scorer import ReGateScorer
@@ -56,7 +57,8 @@ def test_rank_normalisation_by_hand():
     assert normalize_scores(_t([5, 1]), "rank").tolist() == [1.0, 0.0]
     assert normalize_scores(_t([7]), "rank").tolist() == [0.5]
     assert normalize_scores(_t([7, 7, 7]), "rank").tolist() == [0.5, 0.5, 0.5]
-    assert normalize_scores(_t([1, 1, 2, 2]), "rank").tolist() == pytest.approx([1 / 6, 1 / 6, 5 / 6, 5 / 6])
+    assert normalize_scores(_t([1, 1, 2, 2]), "rank").tolist() == pytest.approx(
+        [1 / 6, 1 / 6, 5 / 6, 5 / 6])
     assert normalize_scores(_t([]), "rank").tolist() == []
 
 
@@ -87,8 +89,10 @@ def test_fusion_by_hand():
     ref, difficulty = _t([4, 1, 2, 3]), _t([1, 1, 5, 2])
     # rank: N(ref) = [1, 0, 1/3, 2/3]; N(d) = [1/6, 1/6, 1, 2/3] (the two 1s share rank 0.5)
     assert fuse_scores(ref, difficulty, 1.0, "rank").tolist() == pytest.approx([1, 0, 1 / 3, 2 / 3])
-    assert fuse_scores(ref, difficulty, 0.0, "rank").tolist() == pytest.approx([1 / 6, 1 / 6, 1, 2 / 3])
-    assert fuse_scores(ref, difficulty, 0.5, "rank").tolist() == pytest.approx([7 / 12, 1 / 12, 2 / 3, 2 / 3])
+    assert fuse_scores(ref, difficulty, 0.0, "rank").tolist() == pytest.approx(
+        [1 / 6, 1 / 6, 1, 2 / 3])
+    assert fuse_scores(ref, difficulty, 0.5, "rank").tolist() == pytest.approx(
+        [7 / 12, 1 / 12, 2 / 3, 2 / 3])
     # zscore: [-1, 1] and [1, -1] cancel at lambda = 0.5
     assert fuse_scores(_t([1, 3]), _t([10, 0]), 0.5, "zscore").tolist() == [0.0, 0.0]
     # none: 0.25 * [1, 2] + 0.75 * [4, 8]
@@ -186,7 +190,8 @@ def test_scorer_fallback_order_and_only_computed_tokens_update():
     assert scorer.begin_step(0, ids) == 1.0 and scorer.keep_ratio == 1.0
     assert scorer.select(ids, labels, loss_mask).is_dense
     # Nothing observed yet: difficulty = reference loss.
-    assert [d.tolist() for d in scorer.difficulty(ids, labels, loss_mask)] == [[0.5, 1.0, 1.5], [2.0, 2.5]]
+    assert ([d.tolist() for d in scorer.difficulty(ids, labels, loss_mask)]
+            == [[0.5, 1.0, 1.5], [2.0, 2.5]])
     # Only sample 0's position 1 (label 4) is computed; 99 elsewhere must not leak in.
     losses = torch.full((2, 5), 99.0)
     losses[0, 1] = 3.0
@@ -198,8 +203,10 @@ def test_scorer_fallback_order_and_only_computed_tokens_update():
     assert scorer.begin_step(1, ids) == 0.5
     # sample 0: pos 1 own EMA 3.0; pos 2 (label 5) and 3 (label 6) unobserved -> reference.
     # sample 1: pos 0 (label 4) -> vocabulary EMA 3.0; pos 3 (label 7) -> reference 2.5.
-    assert [d.tolist() for d in scorer.difficulty(ids, labels, loss_mask)] == [[3.0, 1.0, 1.5], [3.0, 2.5]]
-    # sample 0: 0.5*rank(ref [.5, 1, 1.5]) + 0.5*rank(d [3, 1, 1.5]) = [.5, .25, .75] -> k=2: pos 3, 1
+    assert ([d.tolist() for d in scorer.difficulty(ids, labels, loss_mask)]
+            == [[3.0, 1.0, 1.5], [3.0, 2.5]])
+    # sample 0: 0.5*rank(ref [.5, 1, 1.5]) + 0.5*rank(d [3, 1, 1.5]) = [.5, .25, .75]
+    #   -> k=2: pos 3, 1
     # sample 1: 0.5*[0, 1] + 0.5*[1, 0] = [.5, .5], a tie -> k=1: lower position 0
     scores = scorer.scores(ids, labels, loss_mask)
     assert scores.tolist() == [[0, 0.5, 0.25, 0.75, 0], [0.5, 0, 0, 0.5, 0]]
@@ -212,7 +219,8 @@ def test_scorer_fallback_order_and_only_computed_tokens_update():
     scorer.begin_step(2, ids)
     # sample 0: pos 1 decays 0.5*3 + 0.5*5 = 4, pos 3 first seen 1; pos 2 (label 5) still ref.
     # sample 1: pos 0 first seen 2; pos 3 (label 7) unobserved -> reference 2.5.
-    assert [d.tolist() for d in scorer.difficulty(ids, labels, loss_mask)] == [[4.0, 1.0, 1.0], [2.0, 2.5]]
+    assert ([d.tolist() for d in scorer.difficulty(ids, labels, loss_mask)]
+            == [[4.0, 1.0, 1.0], [2.0, 2.5]])
     assert scorer.ema.vocab_ema[4].item() == 0.5 * 3 + 0.5 * (5 + 2) / 2  # id 4: mean(5, 2) = 3.5
     assert scorer.ema.vocab_ema[6].item() == 1.0
     assert bool(torch.isnan(scorer.ema.vocab_ema[[0, 1, 2, 3, 5, 7]]).all())
@@ -235,11 +243,13 @@ def test_select_per_sample_ties_and_context():
 
 def _batch_scope_case(ref, loss_mask, ratio, **fields):
     store = MemoryRefStore(ref)
-    cfg = _cfg(keep_ratio=ratio, lambda_=1.0, **{"score_norm": "none", "select_scope": "batch", **fields})
+    cfg = _cfg(keep_ratio=ratio, lambda_=1.0,
+               **{"score_norm": "none", "select_scope": "batch", **fields})
     scorer = ReGateScorer(cfg, store, vocab_size=4)
     ids = torch.arange(len(ref))
     scorer.begin_step(0, ids)
-    return scorer.select(ids, torch.zeros(len(ref), 4, dtype=torch.long), _t(loss_mask)).keep_index.tolist()
+    selection = scorer.select(ids, torch.zeros(len(ref), 4, dtype=torch.long), _t(loss_mask))
+    return selection.keep_index.tolist()
 
 
 def test_select_batch_scope_by_hand():
@@ -255,7 +265,8 @@ def test_select_batch_scope_by_hand():
     tied = [[0, 1, 1, 0], [0, 1, 1, 0]]
     assert _batch_scope_case([[3, 3], [3, 3]], tied, 0.5) == [[0, 1, 2, 3], [0, 3, -1, -1]]
     # rank normalisation over the micro-batch: sample 1's targets outrank both of sample 0's.
-    assert _batch_scope_case([[1, 2], [3, 4]], tied, 0.5, score_norm="rank") == [[0, 3, -1, -1], [0, 1, 2, 3]]
+    assert (_batch_scope_case([[1, 2], [3, 4]], tied, 0.5, score_norm="rank")
+            == [[0, 3, -1, -1], [0, 1, 2, 3]])
 
 
 def test_dense_when_disabled_or_rho_one():
@@ -279,7 +290,8 @@ def test_scorer_errors_name_the_problem():
     scorer.begin_step(0, ids)
     with pytest.raises(RuntimeError, match="was not finished"):
         scorer.begin_step(1, ids)
-    with pytest.raises(ValueError, match="loss_mask has 2 target tokens but the reference-loss store has 3"):
+    with pytest.raises(ValueError, match="loss_mask has 2 target tokens "
+                                         "but the reference-loss store has 3"):
         scorer.select(ids, labels, _t([[0, 1, 1, 0, 0], [1, 0, 0, 1, 0]]))
     other = ReGateScorer(_cfg(), store, 8)
     other.begin_step(0, [0])
@@ -380,7 +392,8 @@ def _dist_steps(scorer, local_micro_batches, record=True):
             selection = scorer.select(ids[mb], labels[mb], loss_mask[mb])
             g = torch.Generator().manual_seed(step)
             losses = (torch.rand(len(global_ids), DIST_SEQ, generator=g) * 4)[mb]
-            scorer.record(ids[mb], labels[mb], loss_mask[mb], losses, selection.computed_loss_mask())
+            scorer.record(ids[mb], labels[mb], loss_mask[mb], losses,
+                          selection.computed_loss_mask())
         scorer.end_step()
         out.append(dict(rho=rho, difficulty=torch.cat(difficulty), keep=keep))
     return out
@@ -403,7 +416,8 @@ def _dist_world(rank, ckpt_dir):
     # which rank 0 is the source), and back into DP 2.
     for dp_size in (1, 2):
         if dp_size == 1:
-            fresh = _dist_scorer(group=dist.group.WORLD, lookup_source=rank == 0, loss_source=rank == 0)
+            fresh = _dist_scorer(group=dist.group.WORLD, lookup_source=rank == 0,
+                                 loss_source=rank == 0)
         else:
             fresh = _dist_scorer(group=group, dp_rank=rank, dp_size=2)
         fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), ckpt_dir))

@@ -3,7 +3,8 @@ indices, and the flat layouts the router gathers with."""
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from regate_megatron.selection import TokenSelection, keep_count, select_top_targets
 
@@ -60,13 +61,16 @@ def test_bad_keep_index(keep_index, message):
 
 def test_bad_inputs_to_selection():
     with pytest.raises(ValueError, match="keep no token"):
-        TokenSelection.from_keep_mask(torch.tensor([[T, F], [F, F]]), torch.zeros(2, 2, dtype=torch.bool))
+        TokenSelection.from_keep_mask(torch.tensor([[T, F], [F, F]]),
+                                      torch.zeros(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="int64"):
-        TokenSelection(torch.tensor([[0, 1]], dtype=torch.int32), torch.zeros(1, 2, dtype=torch.bool))
+        TokenSelection(torch.tensor([[0, 1]], dtype=torch.int32),
+                       torch.zeros(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="--regate-keep-ratio"):
         select_top_targets(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), 0.0)
     with pytest.raises(ValueError, match="NaN"):
-        select_top_targets(torch.tensor([[0.0, float("nan")]]), torch.ones(1, 2, dtype=torch.bool), 0.5)
+        select_top_targets(torch.tensor([[0.0, float("nan")]]),
+                           torch.ones(1, 2, dtype=torch.bool), 0.5)
 
 
 @settings(max_examples=60, deadline=None)

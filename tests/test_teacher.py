@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from fixtures_data import mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
+
 from regate_megatron.data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConversationDataset, collate
 from regate_megatron.teacher import reference_losses, teacher_inputs
 
@@ -29,8 +29,8 @@ def _teacher(vocab_size, position_embedding_type="rope"):
     """A tiny stock Megatron-Core GPTModel (local backend: torch SDPA, explicit masks honoured)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_layer import TransformerLayer
-
     from models import tiny_config
+
     from regate_megatron.spec import get_regate_decoder_block_spec
 
     config = tiny_config(init_method_std=0.3)  # sharp attention: positions visibly matter
@@ -58,7 +58,8 @@ def test_pad_view(batch, spm_tokenizer):
     assert visual.any()
     assert torch.equal(view["input_ids"], batch.tokens.masked_fill(visual, pad))
     assert torch.equal(view["position_ids"], torch.arange(SEQ).expand(4, SEQ))
-    assert torch.equal(view["labels"], batch.labels) and torch.equal(view["loss_mask"], batch.loss_mask)
+    assert (torch.equal(view["labels"], batch.labels)
+            and torch.equal(view["loss_mask"], batch.loss_mask))
     mask = view["attention_mask"]
     assert mask.dtype == torch.bool and mask.shape == (4, 1, SEQ, SEQ)
     q = torch.arange(SEQ)[:, None]
@@ -83,7 +84,8 @@ def test_drop_view(batch, spm_tokenizer):
         n = kept.numel()
         assert torch.equal(view["input_ids"][i, :n], kept)
         assert (view["input_ids"][i, n:] == pad).all()
-        assert (view["labels"][i, n:] == IGNORE_INDEX).all() and (view["loss_mask"][i, n:] == 0).all()
+        assert ((view["labels"][i, n:] == IGNORE_INDEX).all()
+                and (view["loss_mask"][i, n:] == 0).all())
 
 
 def test_drop_view_shrinks_to_the_longest_text(dataset, spm_tokenizer):
