@@ -216,6 +216,18 @@ def validate_args(args: argparse.Namespace) -> None:
     launch = launch_env()  # torchrun's WORLD_SIZE or srun's SLURM_NTASKS
     world = (launch.world_size if launch.launcher != "single"
              else int(os.environ.get("WORLD_SIZE", "1")))
+    teachers = args.regate.teacher_ranks  # the last ranks of the launch (online teacher)
+    if teachers:
+        ttp = args.regate.teacher_tensor_model_parallel_size
+        tpp = args.regate.teacher_pipeline_model_parallel_size
+        if teachers >= world or teachers % (ttp * tpp):
+            raise SystemExit(
+                f"regate-train: --regate-teacher-ranks {teachers} must leave student ranks in "
+                f"the world of {world} and be a multiple of "
+                f"--regate-teacher-tensor-model-parallel-size {ttp} x "
+                f"--regate-teacher-pipeline-model-parallel-size {tpp}"
+            )
+        world -= teachers  # the students' world
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise SystemExit(
@@ -251,10 +263,13 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if not args.text_only and (args.img_h % args.patch_dim or args.img_w % args.patch_dim):
         raise SystemExit("regate-train: --img-h and --img-w must be multiples of --patch-dim")
-    if args.regate.enabled and args.regate.ref_store is None:
+    if args.regate.enabled and args.regate.ref_store is None and not args.regate.teacher_ranks:
         raise SystemExit(
-            "regate-train: --regate needs --regate-ref-store (build it with regate-precompute-ref)"
+            "regate-train: --regate needs --regate-ref-store (build it with regate-precompute-ref) "
+            "or an online teacher (--regate-teacher-ranks)"
         )
+    if args.regate.teacher_ranks and not args.regate.enabled:
+        raise SystemExit("regate-train: --regate-teacher-ranks needs --regate")
     for flag in ("save_interval", "eval_interval", "log_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:

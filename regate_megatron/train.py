@@ -110,8 +110,12 @@ class Run:
                                             args.make_vocab_size_divisible_by)
         args.vocab_size = self.vocab_size  # saved with the architecture in every checkpoint
         notes = self._reconcile_with_checkpoint() if self.resuming else []
-        self.store = None
-        if args.regate.enabled:
+        self.store = self.channel = None
+        timeout_s = 60.0 * (getattr(args, "distributed_timeout_minutes", None) or 10)
+        world = {}  # the default world: every rank, or the student ranks with a teacher group
+        if args.regate.enabled and args.regate.teacher_ranks:
+            world = self._online_teacher(timeout_s)
+        elif args.regate.enabled:
             from regate_megatron.ref_store import RefLossStore
 
             # Teacher and student must share the tokenizer; checked here, before any compute.
@@ -121,9 +125,8 @@ class Run:
             check_distrib_optim_sharding(args.distrib_optim_sharding_type)
 
         initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                            seed=args.seed,
-                            timeout_s=60.0 * (getattr(args, "distributed_timeout_minutes", None)
-                                              or 10))  # Megatron-LM's default: 10 min
+                            seed=args.seed, timeout_s=timeout_s,  # Megatron-LM's: 10 min
+                            **world)
         self.device = rank_device()  # where this rank's model, batches and selections live
         torch.manual_seed(args.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -159,8 +162,36 @@ class Run:
         self.scorer = self._build_scorer() if args.regate.enabled else None
         if self.resuming:
             self._resume()
+        if self.channel is not None and dist.get_rank() == 0:
+            # The teacher starts at the students' position: a resumed run's in-flight batch
+            # is recomputed.
+            self.channel.publish_start(self.iteration, self.consumed_samples)
         self._print_plan()
         return self
+
+    def _online_teacher(self, timeout_s: float) -> dict:
+        """Reference losses from the teacher ranks (`regate_megatron.online_teacher`): the
+        teacher's tokenizer and architecture are checked here, before step 1; returns the
+        students' own world for `initialize_parallel`."""
+        from regate_megatron.online_teacher import (
+            TEACHER_FLAGS,
+            OnlineRefLosses,
+            group_store,
+            launch_store,
+            student_channel,
+        )
+        from regate_megatron.teacher_model import check_teacher_parallel, teacher_architecture
+
+        cfg, launch = self.args.regate, launch_env()
+        arch = teacher_architecture(cfg.teacher_load, self.tokenizer)
+        check_teacher_parallel(arch, cfg.teacher_ranks, cfg.teacher_tensor_model_parallel_size,
+                               cfg.teacher_pipeline_model_parallel_size, flags=TEACHER_FLAGS)
+        store = launch_store(timeout_s)
+        self.channel, replicas = student_channel(self.args, store, launch.world_size)
+        self.store = OnlineRefLosses(self.channel, self.train_data.target_counts(), replicas)
+        self.teacher_replicas = replicas
+        return dict(store=group_store(store, "students"), rank=launch.rank,
+                    world_size=launch.world_size - cfg.teacher_ranks)
 
     def _check_outputs(self) -> None:
         """--save and --metrics-jsonl, before any data is read or step is trained."""
@@ -306,9 +337,14 @@ class Run:
         """Per micro-batch selections, identical on every rank of the TP x PP group."""
         if self.scorer is None:
             return [None] * len(batches)
+        lookup = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+        if self.channel is not None:  # the teacher ranks' losses of this global batch
+            self.teacher_wait_s = self.store.fetch(step) if lookup else 0.0
+            if dist.get_rank() == 0:
+                self.channel.ack(step, self.teacher_replicas)  # the teacher goes on to step + 1
         self.scorer.begin_step(step, global_ids)  # collective: EMA lookup for the global batch
         selections = None
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
+        if lookup:
             selections = [self.scorer.select(b.sample_ids, b.labels, b.loss_mask) for b in batches]
         # Sync point: the model-parallel group receives its first rank's selections.
         return broadcast_selections(selections, ps.get_model_parallel_group(), device=self.device)
@@ -388,7 +424,9 @@ class Run:
         c["layer_tokens"] += layer_tokens
         c["dense_layer_tokens"] += dense_layer_tokens
         c["train_seconds"] += seconds
+        online = {} if self.channel is None else {"teacher_wait_s": self.teacher_wait_s}
         return {
+            **online,
             "step": self.iteration,
             "lm_loss": loss_sum / max(computed, 1.0),
             "keep_ratio": self.scorer.keep_ratio if self.scorer is not None else 1.0,
@@ -424,6 +462,8 @@ def train(args: argparse.Namespace) -> Run:
             run.save()                                                     # checkpoint
         if stop.requested(run.iteration):                                  # stop (all ranks)
             break
+    if run.channel is not None and dist.get_rank() == 0:
+        run.channel.finish()  # the teacher ranks stop
     if args.save and not (args.save_interval and run.iteration % args.save_interval == 0):
         run.save()
     stop.finish(run.iteration)  # the marker the batch script reads to requeue
@@ -437,6 +477,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:  # a bad --regate-* value, named by ReGateConfig
         print(f"regate-train: {err}", file=sys.stderr)
         return 2
+    if args.regate.teacher_ranks:
+        from regate_megatron.online_teacher import is_teacher_rank, run_teacher
+
+        launch = launch_env()
+        if is_teacher_rank(args, launch.rank, launch.world_size):
+            return run_tool("regate-train (teacher rank)", lambda: run_teacher(args))
     return run_tool("regate-train", lambda: train(args))  # bad data/store/checkpoint: before step 1
 
 
