@@ -50,6 +50,11 @@ def teacher_architecture(load_dir: str, tokenizer) -> argparse.Namespace:
             f"{teacher_sha[:12]}...) than --tokenizer-model {tokenizer.model_path} "
             f"({tokenizer.sha256[:12]}...); teacher and student must share the tokenizer"
         )
+    if not common["args"].get("text_only", True):
+        raise ValueError(
+            f"{load_dir} holds a multimodal (LLaVA) run, not a text-only teacher; train the "
+            f"teacher with regate-train --text-only"
+        )
     args = argparse.Namespace(**common["args"])  # the architecture it was saved with
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(

@@ -90,6 +90,23 @@ def test_bad_online_flags(ws):
                  expect_ok=False)  # one process: no student left
     assert proc.returncode != 0
     assert "--regate-teacher-ranks 1 must leave student ranks" in proc.stderr
+    # refused before step 1, on every rank: a teacher of another tokenizer, a LLaVA checkpoint
+    from regate_megatron.tokenizer import train_sentencepiece
+
+    train_sentencepiece([line.upper() for line in synthetic_corpus()], str(ws / "other_tok"),
+                        vocab_size=100)
+    proc = _run(["regate_megatron.train", *TINY, "--data-path", "train.json",
+                 "--tokenizer-model", "other_tok.model", *COMMON, *ONLINE,
+                 "--regate-teacher-ranks", "1", "--train-iters", "1", "--metrics-jsonl",
+                 "bad_tok.jsonl"], ws, nproc=2, expect_ok=False)
+    assert proc.returncode != 0 and "share the tokenizer" in proc.stderr
+    assert not (ws / "bad_tok.jsonl").exists()
+    train(ws, "--train-iters", "1", "--save", "llava")
+    proc = train(ws, *COMMON, "--regate-teacher-ranks", "1", "--regate-teacher-load", "llava",
+                 "--train-iters", "1", "--metrics-jsonl", "bad_arch.jsonl", nproc=2,
+                 expect_ok=False)
+    assert proc.returncode != 0 and "not a text-only teacher" in proc.stderr
+    assert not (ws / "bad_arch.jsonl").exists()
 
 
 def test_dead_teacher_ends_the_students_naming_it(ws):
