@@ -22,6 +22,13 @@ FROZEN_FLAGS = [
     "--regate-dense-steps",
     "--regate-teacher-visual",
     "--regate-ref-store",
+    # the online teacher (issue 12)
+    "--regate-teacher-ranks",
+    "--regate-teacher-load",
+    "--regate-teacher-tensor-model-parallel-size",
+    "--regate-teacher-pipeline-model-parallel-size",
+    "--regate-teacher-micro-batch-size",
+    "--regate-teacher-timeout",
 ]
 
 
@@ -120,6 +127,12 @@ def test_choices_come_from_one_table():
     (dict(cycle_steps=4, dense_steps=4), "--regate-dense-steps must be < --regate-cycle-steps \\(4\\)"),
     (dict(cycle_steps=2.5), "--regate-cycle-steps must be an integer"),
     (dict(ref_store=""), "--regate-ref-store must be a non-empty path"),
+    (dict(teacher_ranks=-1), "--regate-teacher-ranks must be an integer >= 0"),
+    (dict(teacher_ranks=1), "--regate-teacher-ranks needs --regate-teacher-load"),
+    (dict(teacher_ranks=1, teacher_load="t", ref_store="s"), "pass one"),
+    (dict(teacher_tensor_model_parallel_size=0),
+     "--regate-teacher-tensor-model-parallel-size must be an integer >= 1"),
+    (dict(teacher_timeout=0.0), "--regate-teacher-timeout must be > 0"),
 ])
 def test_invalid_values_name_the_flag(fields, message):
     with pytest.raises(ValueError, match=message):
