@@ -284,6 +284,11 @@ class Run:
             span = args.regate.layer_span(args.num_layers)
             line += (f"; ReGATE {args.regate.schedule} rho_min={args.regate.keep_ratio} over layers "
                      f"{span[0]}:{span[1]}, mean keep ratio {mean_keep_ratio(args.regate, args.train_iters):.3f}")
+        if self.channel is not None:
+            cfg = args.regate
+            line += (f"; online teacher on {cfg.teacher_ranks} more ranks = TP "
+                     f"{cfg.teacher_tensor_model_parallel_size} x PP "
+                     f"{cfg.teacher_pipeline_model_parallel_size} x DP {self.teacher_replicas}")
         log0(line)
 
     # ------------------------------------------------------------------ data
