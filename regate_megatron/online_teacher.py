@@ -30,9 +30,18 @@ global batch in advance):
 
 Every teacher replica computes its contiguous share of the global batch and sends
 ``{sample_id: float16 losses}``: the values an offline store holds, so the scorer sees the
-same numbers in both modes (bitwise when the teacher's micro-batches are composed alike:
-fp32 sums depend on the batch shape; see tests/test_online_teacher.py). A resumed run
-publishes its own start: the batch that was in flight is recomputed.
+same numbers in both modes. Bitwise equality with an offline run holds when the teacher's
+micro-batches are composed alike (e.g. `regate-precompute-ref --micro-batch-size 1` and
+``--regate-teacher-micro-batch-size 1``; tests/test_online_teacher.py): otherwise the float32
+sums differ with the batch shape (~1e-7 relative on CPU, TP2 vs TP1 alike), a float16 value
+can move by one rounding step and a near-tie in the scores can pick another token. A resumed
+run publishes its own start: the batch that was in flight is recomputed; the teacher's size
+and TP/PP may change on resume.
+
+Failures: a teacher rank that dies or stops (its process gone, SIGKILL) stops beating and is
+named by the students; under torchrun/srun (--kill-on-bad-exit) the launcher also ends the
+job. A teacher that is alive but slow is waited for (teacher_wait_s grows). The teacher
+ranks, for their part, rely on the launcher when a student dies (they wait on the store).
 """
 
 from __future__ import annotations
@@ -138,8 +147,11 @@ class TeacherChannel:
         """Step `step`'s reference losses from every teacher replica, and the seconds waited."""
         start = time.perf_counter()
         keys = [f"ref/{step}/{r}" for r in range(replicas)]
-        while not self.store.check(keys):
-            self._check_heartbeats(step)
+        checked = start
+        while not self.store.check(keys):  # a cheap poll; heartbeats are read once a second
+            if time.perf_counter() - checked >= _HEARTBEAT_S:
+                self._check_heartbeats(step)
+                checked = time.perf_counter()
             time.sleep(_POLL_S)
         waited = time.perf_counter() - start
         losses: Dict[int, np.ndarray] = {}
@@ -236,10 +248,10 @@ def run_teacher(args: argparse.Namespace) -> None:
         image_root=args.image_root, skip_bad_samples=args.skip_bad_samples, load_images=False)
     timeout_s = 60.0 * (getattr(args, "distributed_timeout_minutes", None) or 10)
     store = launch_store(timeout_s)
+    channel = TeacherChannel(store, ranks, cfg.teacher_timeout)
+    channel.start_heartbeat(launch.rank)  # first: the students time a silent rank from here on
     initialize_parallel(tp, pp, seed=args.seed, store=group_store(store, "teacher"),
                         rank=launch.rank - ranks[0], world_size=len(ranks), timeout_s=timeout_s)
-    channel = TeacherChannel(store, ranks, cfg.teacher_timeout)
-    channel.start_heartbeat(launch.rank)
     teacher = FrozenTeacher(cfg.teacher_load, arch, pad_id=tokenizer.pad_id,
                             mode=cfg.teacher_visual, device=rank_device())
     replica = ps.get_data_parallel_rank()
