@@ -66,6 +66,19 @@ def test_tp2_students_and_tp2_teacher(ws):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
 
 
+def test_two_students_and_a_pp2_teacher_equal_offline(ws):
+    """4 ranks: 2 data-parallel students + a PP2 teacher (forward-only pipeline schedule in its
+    own world): bitwise the offline run (micro-batches of 1 keep the teacher's sums alike)."""
+    proc = train(ws, *COMMON, *ONLINE, "--regate-teacher-ranks", "2", "--train-iters", "4",
+                 "--regate-teacher-pipeline-model-parallel-size", "2",
+                 "--metrics-jsonl", "online_pp2.jsonl", nproc=4)
+    assert "online teacher on 2 more ranks = TP 1 x PP 2 x DP 1" in proc.stdout
+    offline, online = metrics(ws / "offline.jsonl"), metrics(ws / "online_pp2.jsonl")
+    for a, b in zip(offline, online, strict=True):
+        for key in SAME:
+            assert a[key] == b[key], (key, a, b)
+
+
 def test_resume_recomputes_the_in_flight_batch(ws):
     """Online, stopped after step 2 and resumed online to step 4 == offline straight through;
     the resumed run's teacher has two data-parallel replicas (the teacher's size may change)."""
