@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -114,13 +115,27 @@ class TeacherChannel:
 
     # ------------------------------------------------------------------ teacher side
     def start_heartbeat(self, rank: int) -> None:
-        """Count up heartbeat/<rank> every second, from a daemon thread, while alive."""
+        """Count up heartbeat/<rank> every second from a thread, until `stop_heartbeat`."""
+        self._stop = threading.Event()
+
         def beat():
             while True:
-                self.store.add(f"heartbeat/{rank}", 1)
-                time.sleep(_HEARTBEAT_S)
+                try:
+                    self.store.add(f"heartbeat/{rank}", 1)
+                except Exception:  # noqa: BLE001 -- the store is gone: the launch is ending
+                    return
+                if self._stop.wait(_HEARTBEAT_S):
+                    return
 
-        threading.Thread(target=beat, name="regate-teacher-heartbeat", daemon=True).start()
+        self._beat = threading.Thread(target=beat, name="regate-teacher-heartbeat", daemon=True)
+        self._beat.start()
+
+    def stop_heartbeat(self) -> None:
+        """Stop and join the heartbeat thread (before the store and the process go away)."""
+        if getattr(self, "_beat", None) is not None:
+            self._stop.set()
+            self._beat.join()
+            self._beat = None
 
     def read_start(self) -> Tuple[int, int]:
         self.store.wait(["start"], timedelta(days=1))  # the students load, maybe resume, first
@@ -223,19 +238,23 @@ def run_teacher(args: argparse.Namespace) -> None:
     another (the students' sampler), each sent to the students one step ahead."""
     from megatron.core import parallel_state as ps
 
-    from regate_megatron.data import ConversationDataset, collate
+    from regate_megatron.data import ConversationDataset
     from regate_megatron.mllm import num_image_tokens
     from regate_megatron.parallel import initialize_parallel, launch_env, rank_device
-    from regate_megatron.sampler import batch_positions
     from regate_megatron.teacher_model import (
         FrozenTeacher,
         check_teacher_parallel,
-        micro_batch_groups,
         teacher_architecture,
     )
     from regate_megatron.tokenizer import SentencePieceTokenizer
 
     cfg = args.regate
+    if getattr(args, "exit_signal_handler", False):
+        # The students turn the signal into "finish the step, save, exit 0" and then tell the
+        # teacher (`finish`); a teacher killed by it would make srun (--kill-on-bad-exit) kill
+        # the students mid-save.
+        for name in {"SIGUSR1", getattr(args, "exit_signal", "SIGTERM")}:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     tp, pp = cfg.teacher_tensor_model_parallel_size, cfg.teacher_pipeline_model_parallel_size
     launch = launch_env()
     ranks, replicas = teacher_world(args, launch.world_size)
@@ -250,32 +269,47 @@ def run_teacher(args: argparse.Namespace) -> None:
     store = launch_store(timeout_s)
     channel = TeacherChannel(store, ranks, cfg.teacher_timeout)
     channel.start_heartbeat(launch.rank)  # first: the students time a silent rank from here on
-    initialize_parallel(tp, pp, seed=args.seed, store=group_store(store, "teacher"),
-                        rank=launch.rank - ranks[0], world_size=len(ranks), timeout_s=timeout_s)
-    teacher = FrozenTeacher(cfg.teacher_load, arch, pad_id=tokenizer.pad_id,
-                            mode=cfg.teacher_visual, device=rank_device())
-    replica = ps.get_data_parallel_rank()
+    try:
+        initialize_parallel(tp, pp, seed=args.seed, store=group_store(store, "teacher"),
+                            rank=launch.rank - ranks[0], world_size=len(ranks),
+                            timeout_s=timeout_s)
+        teacher = FrozenTeacher(cfg.teacher_load, arch, pad_id=tokenizer.pad_id,
+                                mode=cfg.teacher_visual, device=rank_device())
+        _serve(args, channel, teacher, dataset, tokenizer.pad_id, ps.get_data_parallel_rank(),
+               replicas)
+        dist.barrier()  # sync point: the teacher's world ends together
+    finally:
+        channel.stop_heartbeat()  # before the store and this process go away
+
+
+def _serve(args: argparse.Namespace, channel: TeacherChannel, teacher, dataset, pad_id: int,
+           replica: int, replicas: int) -> None:
+    """Compute and send this replica's share of every global batch, one step ahead."""
+    from regate_megatron.data import collate
+    from regate_megatron.sampler import batch_positions
+    from regate_megatron.teacher_model import micro_batch_groups
+
+    cfg = args.regate
     mbs = cfg.teacher_micro_batch_size or args.micro_batch_size
-    per_call = 1 if pp == 1 else 2 * pp
+    per_call = 1 if teacher.pp == 1 else 2 * teacher.pp  # micro-batches per schedule call
     start_iteration, consumed = channel.read_start()
     gbs = args.global_batch_size
     for step in range(start_iteration, args.train_iters):
         if step > start_iteration and not channel.wait_fetched(step - 1):
-            break  # the students stopped early (preemption, --exit-interval)
+            return  # the students stopped early (preemption, --exit-interval)
         positions = batch_positions(consumed + (step - start_iteration) * gbs, len(dataset), gbs,
                                     args.seed)
         mine = np.array_split(np.asarray(positions), replicas)[replica].tolist()  # [gbs / DP]
         losses: Dict[int, np.ndarray] = {}
         for group in micro_batch_groups(mine, mbs, per_call):
             micro = [collate([dataset[p] for p in ids], seq_length=args.seq_length,
-                             pad_id=tokenizer.pad_id) for ids in group]
-            got = teacher.losses(micro)
+                             pad_id=pad_id) for ids in group]
+            got = teacher.losses(micro)  # None off the last pipeline stage
             if teacher.reports:
                 ids = [dataset.sample_ids[p] for ids in group for p in ids]
                 losses.update(zip(ids, (v.astype(np.float16) for v in got), strict=True))
         if teacher.reports:
             channel.put(step, replica, losses)
-    dist.barrier()  # sync point: the teacher's world ends together
 
 
 def student_channel(args: argparse.Namespace, store: dist.Store,

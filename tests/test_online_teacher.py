@@ -80,11 +80,13 @@ def test_two_students_and_a_pp2_teacher_equal_offline(ws):
 
 
 def test_resume_recomputes_the_in_flight_batch(ws):
-    """Online, stopped after step 2 and resumed online to step 4 == offline straight through;
-    the resumed run's teacher has two data-parallel replicas (the teacher's size may change)."""
+    """Online, stopped after step 2 (--exit-interval: the teacher, a step ahead, is told to
+    stop) and resumed online to step 4 == offline straight through; the resumed run's teacher
+    has two data-parallel replicas (the teacher's size may change)."""
     online = [*COMMON, *ONLINE]
-    train(ws, *online, "--regate-teacher-ranks", "1", "--train-iters", "2", "--save",
-          "online_ckpt", nproc=3)
+    train(ws, *online, "--regate-teacher-ranks", "1", "--train-iters", "4", "--exit-interval",
+          "2", "--save", "online_ckpt", nproc=3)
+    assert (ws / "online_ckpt" / "latest_checkpointed_iteration.txt").read_text() == "2"
     proc = train(ws, *online, "--regate-teacher-ranks", "2", "--train-iters", "4", "--load",
                  "online_ckpt", "--metrics-jsonl", "online_resumed.jsonl", nproc=4)
     assert "online teacher on 2 more ranks = TP 1 x PP 1 x DP 2" in proc.stdout
@@ -93,6 +95,50 @@ def test_resume_recomputes_the_in_flight_batch(ws):
     for a, b in zip(offline[2:], resumed, strict=True):
         for key in SAME:
             assert a[key] == b[key], (key, a, b)
+
+
+def _by_hand(ws, *flags, jsonl):
+    """2 students + 1 teacher rank started without torchrun (nothing tears the job down for
+    them); returns the processes once the students have logged two steps."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "regate_megatron.train", *TINY, "--data-path", "train.json",
+           "--tokenizer-model", "tok.model", *COMMON, *ONLINE, "--regate-teacher-ranks", "1",
+           "--train-iters", "400", "--metrics-jsonl", jsonl, *flags]
+    procs = []
+    for rank in range(3):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore",
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 180
+    try:
+        while not (ws / jsonl).exists() or len(metrics(ws / jsonl)) < 2:
+            assert time.monotonic() < deadline, "the online run made no progress"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.2)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    return procs
+
+
+def test_usr1_stops_students_and_teacher_cleanly(ws):
+    """SIGUSR1 to every rank (as srun forwards it): the students finish the step, save and exit
+    0; the teacher ignores the signal and exits 0 when the students tell it to."""
+    procs = _by_hand(ws, "--exit-signal-handler", "--save", "usr1_ckpt", jsonl="usr1.jsonl")
+    try:
+        for p in procs:
+            p.send_signal(signal.SIGUSR1)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    saved = int((ws / "usr1_ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert saved == len(metrics(ws / "usr1.jsonl")) >= 2
 
 
 def test_bad_online_flags(ws):
@@ -126,26 +172,10 @@ def test_bad_online_flags(ws):
 
 
 def test_dead_teacher_ends_the_students_naming_it(ws):
-    """Ranks started by hand (no torchrun to tear the job down): the teacher rank is killed
-    mid-run; both students stop within --regate-teacher-timeout, naming teacher rank 2."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "regate_megatron.train", *TINY, "--data-path", "train.json",
-           "--tokenizer-model", "tok.model", *COMMON, *ONLINE, "--regate-teacher-ranks", "1",
-           "--regate-teacher-timeout", "5", "--train-iters", "400", "--metrics-jsonl",
-           "dead.jsonl"]
-    procs = []
-    for rank in range(3):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore",
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+    """The teacher rank is killed mid-run (no launcher to end the job): both students stop
+    within --regate-teacher-timeout, naming teacher rank 2."""
+    procs = _by_hand(ws, "--regate-teacher-timeout", "5", jsonl="dead.jsonl")
     try:
-        deadline = time.monotonic() + 180
-        while not (ws / "dead.jsonl").exists() or len(metrics(ws / "dead.jsonl")) < 2:
-            assert time.monotonic() < deadline, "the online run made no progress"
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.2)
         procs[2].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         outs = [p.communicate(timeout=60) for p in procs[:2]]
