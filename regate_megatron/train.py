@@ -93,6 +93,8 @@ class Run:
             log0(f"no checkpoint in {args.load} yet: starting from scratch")
         self._check_outputs()
         self.tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+        if args.regate.enabled and args.regate.teacher_ranks:
+            self._check_online_teacher()  # its tokenizer and architecture, before any data
         # Text-only runs (the teacher) keep the student's layout: the same image slots, which the
         # teacher view masks, so positions match what regate-precompute-ref scores later.
         self.image_tokens = num_image_tokens(args)
@@ -169,23 +171,28 @@ class Run:
         self._print_plan()
         return self
 
+    def _check_online_teacher(self) -> None:
+        """The online teacher's checkpoint shares our tokenizer, is a text-only GPT and fits its
+        TP/PP (read from its common state alone; the teacher ranks check the same)."""
+        from regate_megatron.online_teacher import TEACHER_FLAGS
+        from regate_megatron.teacher_model import check_teacher_parallel, teacher_architecture
+
+        cfg = self.args.regate
+        arch = teacher_architecture(cfg.teacher_load, self.tokenizer)
+        check_teacher_parallel(arch, cfg.teacher_ranks, cfg.teacher_tensor_model_parallel_size,
+                               cfg.teacher_pipeline_model_parallel_size, flags=TEACHER_FLAGS)
+
     def _online_teacher(self, timeout_s: float) -> dict:
-        """Reference losses from the teacher ranks (`regate_megatron.online_teacher`): the
-        teacher's tokenizer and architecture are checked here, before step 1; returns the
-        students' own world for `initialize_parallel`."""
+        """Reference losses from the teacher ranks (`regate_megatron.online_teacher`); returns
+        the students' own world for `initialize_parallel`."""
         from regate_megatron.online_teacher import (
-            TEACHER_FLAGS,
             OnlineRefLosses,
             group_store,
             launch_store,
             student_channel,
         )
-        from regate_megatron.teacher_model import check_teacher_parallel, teacher_architecture
 
         cfg, launch = self.args.regate, launch_env()
-        arch = teacher_architecture(cfg.teacher_load, self.tokenizer)
-        check_teacher_parallel(arch, cfg.teacher_ranks, cfg.teacher_tensor_model_parallel_size,
-                               cfg.teacher_pipeline_model_parallel_size, flags=TEACHER_FLAGS)
         store = launch_store(timeout_s)
         self.channel, replicas = student_channel(self.args, store, launch.world_size)
         self.store = OnlineRefLosses(self.channel, self.train_data.target_counts(), replicas)
