@@ -126,7 +126,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--train-iters", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--min-lr", type=float, default=0.0)
-    t.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"],
+    t.add_argument("--lr-decay-style",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"],
                    default="linear")
     t.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     t.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -164,7 +165,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
 
 
-def build_parser(prog: str = "regate-train", description: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str = "regate-train",
+                 description: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     add_model_args(parser)
     _add_data_args(parser)
@@ -216,6 +218,18 @@ def validate_args(args: argparse.Namespace) -> None:
     launch = launch_env()  # torchrun's WORLD_SIZE or srun's SLURM_NTASKS
     world = (launch.world_size if launch.launcher != "single"
              else int(os.environ.get("WORLD_SIZE", "1")))
+    teachers = args.regate.teacher_ranks  # the last ranks of the launch (online teacher)
+    if teachers:
+        ttp = args.regate.teacher_tensor_model_parallel_size
+        tpp = args.regate.teacher_pipeline_model_parallel_size
+        if teachers >= world or teachers % (ttp * tpp):
+            raise SystemExit(
+                f"regate-train: --regate-teacher-ranks {teachers} must leave student ranks in "
+                f"the world of {world} and be a multiple of "
+                f"--regate-teacher-tensor-model-parallel-size {ttp} x "
+                f"--regate-teacher-pipeline-model-parallel-size {tpp}"
+            )
+        world -= teachers  # the students' world
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise SystemExit(
@@ -230,9 +244,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
         raise SystemExit(
             f"regate-train: --global-batch-size {args.global_batch_size} must be a multiple of "
-            f"--micro-batch-size {args.micro_batch_size} x data-parallel size {args.data_parallel_size}"
+            f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
+            f"{args.data_parallel_size}"
         )
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    args.num_microbatches = args.global_batch_size // (
+        args.micro_batch_size * args.data_parallel_size)
     if args.hidden_size % args.num_attention_heads:
         raise SystemExit("regate-train: --hidden-size must be divisible by --num-attention-heads")
     if args.num_attention_heads % tp or args.num_query_groups % tp:
@@ -241,7 +257,8 @@ def validate_args(args: argparse.Namespace) -> None:
             "--tensor-model-parallel-size"
         )
     if args.num_layers % pp:
-        raise SystemExit("regate-train: --num-layers must be divisible by --pipeline-model-parallel-size")
+        raise SystemExit(
+            "regate-train: --num-layers must be divisible by --pipeline-model-parallel-size")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: SP is meaningless without TP
     if args.sequence_parallel and not args.text_only:
@@ -251,12 +268,15 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if not args.text_only and (args.img_h % args.patch_dim or args.img_w % args.patch_dim):
         raise SystemExit("regate-train: --img-h and --img-w must be multiples of --patch-dim")
-    if args.regate.enabled and args.regate.ref_store is None and args.regate.selector != "random":
+    if (args.regate.enabled and args.regate.ref_store is None and not args.regate.teacher_ranks
+            and args.regate.selector != "random"):
         raise SystemExit(
             "regate-train: --regate needs --regate-ref-store (build it with "
-            "regate-precompute-ref); "
-            "only --regate-selector random runs without one"
+            "regate-precompute-ref) or an online teacher (--regate-teacher-ranks); only "
+            "--regate-selector random runs without either"
         )
+    if args.regate.teacher_ranks and not args.regate.enabled:
+        raise SystemExit("regate-train: --regate-teacher-ranks needs --regate")
     for flag in ("save_interval", "eval_interval", "log_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -28,7 +28,7 @@ CHOICES = {
 }
 """The allowed values of the string-valued fields (argparse ``choices`` and validation)."""
 
-_METAVARS = {"layers": "A:B", "ref_store": "PATH"}
+_METAVARS = {"layers": "A:B", "ref_store": "PATH", "teacher_load": "PATH"}
 
 def parse_layer_span(text: str) -> Tuple[Optional[int], Optional[int]]:
     """Parse ``--regate-layers`` text ``a:b`` (either end may be empty) into ints."""
@@ -46,7 +46,8 @@ def parse_layer_span(text: str) -> Tuple[Optional[int], Optional[int]]:
 
 @dataclass
 class ReGateConfig:
-    """ReGATE settings. Each field is the flag ``--regate-<field>`` (``enabled`` is ``--regate``)."""
+    """ReGATE settings. Each field is the flag ``--regate-<field>`` (``enabled`` is
+    ``--regate``)."""
 
     enabled: bool = False
     """Turn ReGATE token elision on. Off, the model is stock Megatron-Core."""
@@ -109,6 +110,29 @@ class ReGateConfig:
     """Path of the reference-loss store (per-target teacher losses, built by
     regate-precompute-ref) that the trainer reads."""
 
+    teacher_ranks: int = 0
+    """Online teacher: the last N ranks of the launch run the frozen teacher one global batch
+    ahead of the students and stream its reference losses to them (regate_megatron.
+    online_teacher); the students' parallel state covers the other ranks. 0 = offline
+    (--regate-ref-store)."""
+
+    teacher_load: Optional[str] = None
+    """The online teacher's dist_checkpointing checkpoint (a regate-train --text-only run,
+    saved at any TP/PP)."""
+
+    teacher_tensor_model_parallel_size: int = 1
+    """The online teacher's tensor-parallel size."""
+
+    teacher_pipeline_model_parallel_size: int = 1
+    """The online teacher's pipeline-parallel size."""
+
+    teacher_micro_batch_size: int = 0
+    """The online teacher's micro-batch size (0 = --micro-batch-size)."""
+
+    teacher_timeout: float = 30.0
+    """Seconds a teacher rank may go without a heartbeat before the students stop with an
+    error naming it (a dead or hung teacher never hangs the students)."""
+
     def __post_init__(self):
         if isinstance(self.layers, str):
             self.layers = parse_layer_span(self.layers)
@@ -159,6 +183,24 @@ class ReGateConfig:
             raise ValueError(
                 f"--regate-ref-store must be a non-empty path, got {self.ref_store!r}"
             )
+        self._check_teacher()
+
+    def _check_teacher(self) -> None:
+        for name, minimum in (("teacher_ranks", 0), ("teacher_tensor_model_parallel_size", 1),
+                              ("teacher_pipeline_model_parallel_size", 1),
+                              ("teacher_micro_batch_size", 0)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+                raise ValueError(f"{flag_for(name)} must be an integer >= {minimum}, got {value!r}")
+        if not (_is_real(self.teacher_timeout) and self.teacher_timeout > 0):
+            raise ValueError(f"--regate-teacher-timeout must be > 0 seconds, got "
+                             f"{self.teacher_timeout!r}")
+        if self.teacher_ranks and self.ref_store is not None:
+            raise ValueError("--regate-teacher-ranks (online teacher) and --regate-ref-store "
+                             "(offline store) are two sources of reference losses; pass one")
+        if self.teacher_ranks and not self.teacher_load:
+            raise ValueError("--regate-teacher-ranks needs --regate-teacher-load (the teacher's "
+                             "checkpoint)")
 
     def layer_span(self, num_layers: int) -> Tuple[int, int]:
         """The routed span ``[a, b)`` resolved against the model depth, validated."""

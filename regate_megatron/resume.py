@@ -37,8 +37,11 @@ SCHEDULE_ARG_NAMES = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weig
 # Fixed for the life of a run (besides the architecture and the ReGATE configuration).
 FIXED_ARG_NAMES = ("seed", "global_batch_size", "adam_beta1", "adam_beta2", "adam_eps", "bf16",
                    "freeze_ViT", "freeze_LM")
-# ReGATE fields that do not shape training: where the store lives may change.
-_REGATE_FREE = ("ref_store",)
+# ReGATE fields that do not shape training: where the reference losses come from (a store, or
+# an online teacher of the same checkpoint, at any size) may change.
+_REGATE_FREE = ("ref_store", "teacher_ranks", "teacher_load", "teacher_tensor_model_parallel_size",
+                "teacher_pipeline_model_parallel_size", "teacher_micro_batch_size",
+                "teacher_timeout")
 
 
 def _flag(name: str) -> str:

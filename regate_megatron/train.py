@@ -39,7 +39,11 @@ from regate_megatron.data import ConversationDataset, collate
 from regate_megatron.guard import check_grad_norm_finite, check_step_finite
 from regate_megatron.mllm import build_model, llava_inputs, num_image_tokens
 from regate_megatron.parallel import (
-    collective_device, initialize_parallel, launch_env, rank_device, run_tool,
+    collective_device,
+    initialize_parallel,
+    launch_env,
+    rank_device,
+    run_tool,
 )
 from regate_megatron.preemption import EarlyStop
 from regate_megatron.resume import decay_horizon, run_state
@@ -93,6 +97,8 @@ class Run:
             log0(f"no checkpoint in {args.load} yet: starting from scratch")
         self._check_outputs()
         self.tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+        if args.regate.enabled and args.regate.teacher_ranks:
+            self._check_online_teacher()  # its tokenizer and architecture, before any data
         # Text-only runs (the teacher) keep the student's layout: the same image slots, which the
         # teacher view masks, so positions match what regate-precompute-ref scores later.
         self.image_tokens = num_image_tokens(args)
@@ -106,12 +112,17 @@ class Run:
             ConversationDataset(args.valid_data_path, self.tokenizer, **data_kw)
             if args.valid_data_path else None
         )
-        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size,
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
+                                            args.tensor_model_parallel_size,
                                             args.make_vocab_size_divisible_by)
         args.vocab_size = self.vocab_size  # saved with the architecture in every checkpoint
         notes = self._reconcile_with_checkpoint() if self.resuming else []
-        self.store = None
-        if args.regate.enabled:
+        self.store = self.channel = None
+        timeout_s = 60.0 * (getattr(args, "distributed_timeout_minutes", None) or 10)
+        world = {}  # the default world: every rank, or the student ranks with a teacher group
+        if args.regate.enabled and args.regate.teacher_ranks:
+            world = self._online_teacher(timeout_s)
+        elif args.regate.enabled:
             from regate_megatron.scorer import open_reference
 
             # Teacher and student must share the tokenizer; checked here, before any compute.
@@ -120,9 +131,8 @@ class Run:
             check_distrib_optim_sharding(args.distrib_optim_sharding_type)
 
         initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                            seed=args.seed,
-                            timeout_s=60.0 * (getattr(args, "distributed_timeout_minutes", None)
-                                              or 10))  # Megatron-LM's default: 10 min
+                            seed=args.seed, timeout_s=timeout_s,  # Megatron-LM's: 10 min
+                            **world)
         self.device = rank_device()  # where this rank's model, batches and selections live
         torch.manual_seed(args.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -158,8 +168,41 @@ class Run:
         self.scorer = self._build_scorer() if args.regate.enabled else None
         if self.resuming:
             self._resume()
+        if self.channel is not None and dist.get_rank() == 0:
+            # The teacher starts at the students' position: a resumed run's in-flight batch
+            # is recomputed.
+            self.channel.publish_start(self.iteration, self.consumed_samples)
         self._print_plan()
         return self
+
+    def _check_online_teacher(self) -> None:
+        """The online teacher's checkpoint shares our tokenizer, is a text-only GPT and fits its
+        TP/PP (read from its common state alone; the teacher ranks check the same)."""
+        from regate_megatron.online_teacher import TEACHER_FLAGS
+        from regate_megatron.teacher_model import check_teacher_parallel, teacher_architecture
+
+        cfg = self.args.regate
+        arch = teacher_architecture(cfg.teacher_load, self.tokenizer)
+        check_teacher_parallel(arch, cfg.teacher_ranks, cfg.teacher_tensor_model_parallel_size,
+                               cfg.teacher_pipeline_model_parallel_size, flags=TEACHER_FLAGS)
+
+    def _online_teacher(self, timeout_s: float) -> dict:
+        """Reference losses from the teacher ranks (`regate_megatron.online_teacher`); returns
+        the students' own world for `initialize_parallel`."""
+        from regate_megatron.online_teacher import (
+            OnlineRefLosses,
+            group_store,
+            launch_store,
+            student_channel,
+        )
+
+        cfg, launch = self.args.regate, launch_env()
+        store = launch_store(timeout_s)
+        self.channel, replicas = student_channel(self.args, store, launch.world_size)
+        self.store = OnlineRefLosses(self.channel, self.train_data.target_counts(), replicas)
+        self.teacher_replicas = replicas
+        return dict(store=group_store(store, "students"), rank=launch.rank,
+                    world_size=launch.world_size - cfg.teacher_ranks)
 
     def _check_outputs(self) -> None:
         """--save and --metrics-jsonl, before any data is read or step is trained."""
@@ -236,7 +279,8 @@ class Run:
         if self.scorer is not None:
             common["regate_state"] = True
         save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                        self.scorer, common=common, sharding_type=self.args.distrib_optim_sharding_type)
+                        self.scorer, common=common,
+                        sharding_type=self.args.distrib_optim_sharding_type)
         log0(f"saved iteration {self.iteration} to {self.args.save}")
 
     def _print_plan(self) -> None:
@@ -250,8 +294,14 @@ class Run:
             from regate_megatron.schedule import mean_keep_ratio
 
             span = args.regate.layer_span(args.num_layers)
-            line += (f"; ReGATE {args.regate.schedule} rho_min={args.regate.keep_ratio} over layers "
-                     f"{span[0]}:{span[1]}, mean keep ratio {mean_keep_ratio(args.regate, args.train_iters):.3f}")
+            mean_keep = mean_keep_ratio(args.regate, args.train_iters)
+            line += (f"; ReGATE {args.regate.schedule} rho_min={args.regate.keep_ratio} over "
+                     f"layers {span[0]}:{span[1]}, mean keep ratio {mean_keep:.3f}")
+        if self.channel is not None:
+            cfg = args.regate
+            line += (f"; online teacher on {cfg.teacher_ranks} more ranks = TP "
+                     f"{cfg.teacher_tensor_model_parallel_size} x PP "
+                     f"{cfg.teacher_pipeline_model_parallel_size} x DP {self.teacher_replicas}")
         log0(line)
 
     # ------------------------------------------------------------------ data
@@ -273,7 +323,8 @@ class Run:
             view = teacher_inputs(batch, pad_id=self.tokenizer.pad_id,
                                   mode=self.args.regate.teacher_visual)
             return dict(input_ids=view["input_ids"], position_ids=view["position_ids"],
-                        attention_mask=view["attention_mask"], labels=view["labels"]), view["loss_mask"]
+                        attention_mask=view["attention_mask"],
+                        labels=view["labels"]), view["loss_mask"]
         return llava_inputs(batch, self.image_tokens, self.config.params_dtype), None
 
     # ------------------------------------------------------------------ one step
@@ -305,9 +356,14 @@ class Run:
         """Per micro-batch selections, identical on every rank of the TP x PP group."""
         if self.scorer is None:
             return [None] * len(batches)
+        lookup = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+        if self.channel is not None:  # the teacher ranks' losses of this global batch
+            self.teacher_wait_s = self.store.fetch(step) if lookup else 0.0
+            if dist.get_rank() == 0:
+                self.channel.ack(step, self.teacher_replicas)  # the teacher goes on to step + 1
         self.scorer.begin_step(step, global_ids)  # collective: EMA lookup for the global batch
         selections = None
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
+        if lookup:
             selections = [self.scorer.select(b.sample_ids, b.labels, b.loss_mask) for b in batches]
         # Sync point: the model-parallel group receives its first rank's selections.
         return broadcast_selections(selections, ps.get_model_parallel_group(), device=self.device)
@@ -339,7 +395,8 @@ class Run:
         if self.scorer is not None:
             if self.scorer_records_losses:
                 for batch, loss, computed in records:
-                    self.scorer.record(batch.sample_ids, batch.labels, batch.loss_mask, loss, computed)
+                    self.scorer.record(batch.sample_ids, batch.labels, batch.loss_mask, loss,
+                                       computed)
             self.scorer.end_step()  # collective: EMA update from the computed tokens
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
@@ -367,7 +424,8 @@ class Run:
                 kept = targets if selection is None else float(
                     (batch.loss_mask.bool() & selection.target_mask & selection.keep_mask()).sum())
                 seq_tokens = batch.tokens.numel()
-                kept_tokens = seq_tokens if selection is None else float((selection.keep_index >= 0).sum())
+                kept_tokens = (seq_tokens if selection is None
+                               else float((selection.keep_index >= 0).sum()))
                 stats += torch.tensor([
                     float((loss * computed).sum()), float(computed.sum()), targets, kept,
                     (args.num_layers - routed) * seq_tokens + routed * kept_tokens,
@@ -387,7 +445,9 @@ class Run:
         c["layer_tokens"] += layer_tokens
         c["dense_layer_tokens"] += dense_layer_tokens
         c["train_seconds"] += seconds
+        online = {} if self.channel is None else {"teacher_wait_s": self.teacher_wait_s}
         return {
+            **online,
             "step": self.iteration,
             "lm_loss": loss_sum / max(computed, 1.0),
             "keep_ratio": self.scorer.keep_ratio if self.scorer is not None else 1.0,
@@ -414,7 +474,7 @@ def train(args: argparse.Namespace) -> Run:
     run = Run(args).setup()
     logger = MetricsLogger(args, start=run.iteration)
     while run.iteration < args.train_iters:
-        metrics = run.train_step()                                        # schedule -> micro -> step
+        metrics = run.train_step()                                      # schedule -> micro -> step
         if args.eval_interval and (run.iteration % args.eval_interval == 0
                                    or run.iteration == args.train_iters):
             metrics.update(evaluate(run))                                  # dense held-out eval
@@ -423,6 +483,8 @@ def train(args: argparse.Namespace) -> Run:
             run.save()                                                     # checkpoint
         if stop.requested(run.iteration):                                  # stop (all ranks)
             break
+    if run.channel is not None and dist.get_rank() == 0:
+        run.channel.finish()  # the teacher ranks stop
     if args.save and not (args.save_interval and run.iteration % args.save_interval == 0):
         run.save()
     stop.finish(run.iteration)  # the marker the batch script reads to requeue
@@ -436,6 +498,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:  # a bad --regate-* value, named by ReGateConfig
         print(f"regate-train: {err}", file=sys.stderr)
         return 2
+    if args.regate.teacher_ranks:
+        from regate_megatron.online_teacher import is_teacher_rank, run_teacher
+
+        launch = launch_env()
+        if is_teacher_rank(args, launch.rank, launch.world_size):
+            return run_tool("regate-train (teacher rank)", lambda: run_teacher(args))
     return run_tool("regate-train", lambda: train(args))  # bad data/store/checkpoint: before step 1
 
 

@@ -5,7 +5,9 @@
 #   sbatch [--nodes=N] slurm/precompute_ref.sh examples/llava15_7b.sh [regate-precompute-ref flags...]
 #
 # The config supplies the student's layout (--seq-length, --img-h, --img-w, --patch-dim,
-# --regate-teacher-visual), so target positions line up with training. Paths:
+# --regate-teacher-visual), so target positions line up with training. A teacher too big for
+# one GPU runs model-parallel: append --tensor-model-parallel-size T
+# --pipeline-model-parallel-size P (DP = tasks / (T x P)). Paths:
 # DATA_PATH, IMAGE_ROOT, TOKENIZER_MODEL, TEACHER_CHECKPOINT, REF_STORE (slurm/README.md).
 # The build is resumable: finished shards survive a failure; resubmit to finish it.
 # Chain training after it:

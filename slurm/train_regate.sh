@@ -14,6 +14,12 @@
 # resumes from $CHECKPOINT_DIR with the same flags. A rank that fails ends the whole
 # job at once (--kill-on-bad-exit); lines are labelled with the rank (srun --label).
 #
+# Online teacher on its own nodes: TEACHER_NODES=K (with TEACHER_CHECKPOINT) gives the job's
+# last K nodes to the frozen teacher (srun's default block distribution puts the last ranks
+# there: --regate-teacher-ranks = K x tasks per node) instead of reading $REF_STORE; its
+# TP/PP come from the config or the extra flags (--regate-teacher-tensor-model-parallel-size).
+#   TEACHER_NODES=1 TEACHER_CHECKPOINT=/ckpt/teacher sbatch --nodes=3 slurm/train_regate.sh C
+#
 #SBATCH --job-name=regate-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -45,6 +51,8 @@ export IMAGE_ROOT=${IMAGE_ROOT:-}                            # default: the data
 export TOKENIZER_MODEL=${TOKENIZER_MODEL:-data/tokenizer.model}
 export REF_STORE=${REF_STORE:-ref_store}                     # built by slurm/precompute_ref.sh
 export LM_CHECKPOINT=${LM_CHECKPOINT:-}                      # language model to start from (optional)
+export TEACHER_NODES=${TEACHER_NODES:-0}                     # online teacher: the job's last K nodes
+export TEACHER_CHECKPOINT=${TEACHER_CHECKPOINT:-checkpoints/teacher}
 export CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${SLURM_JOB_NAME:-regate-train}}
 export METRICS_JSONL=${METRICS_JSONL:-$CHECKPOINT_DIR/metrics.jsonl}
 export TENSORBOARD_DIR=${TENSORBOARD_DIR:-$CHECKPOINT_DIR/tensorboard}
@@ -80,6 +88,17 @@ CHECKPOINT_ARGS=(
 if [[ -n $VALID_DATA_PATH ]]; then DATA_ARGS+=(--valid-data-path "$VALID_DATA_PATH"); fi
 if [[ -n $IMAGE_ROOT ]]; then DATA_ARGS+=(--image-root "$IMAGE_ROOT"); fi
 if [[ -n $LM_CHECKPOINT ]]; then CHECKPOINT_ARGS+=(--language-model-checkpoint "$LM_CHECKPOINT"); fi
+RANKS=${SLURM_NTASKS:?run this script with sbatch}
+if (( TEACHER_NODES > 0 )); then  # the online teacher replaces the store
+    TEACHER_RANKS=$((TEACHER_NODES * RANKS / SLURM_JOB_NUM_NODES))
+    OFFLINE=("${REGATE_ARGS[@]}") REGATE_ARGS=()
+    for ((i = 0; i < ${#OFFLINE[@]}; i++)); do
+        if [[ ${OFFLINE[i]} == --regate-ref-store ]]; then i=$((i + 1)); continue; fi
+        if [[ ${OFFLINE[i]} == --regate-ref-store=* ]]; then continue; fi
+        REGATE_ARGS+=("${OFFLINE[i]}")
+    done
+    REGATE_ARGS+=(--regate-teacher-ranks "$TEACHER_RANKS" --regate-teacher-load "$TEACHER_CHECKPOINT")
+fi
 ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}"
       "${EVAL_AND_LOGGING_ARGS[@]}" "${REGATE_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$@")
 
@@ -94,9 +113,11 @@ last_value() {  # the value regate-train will see for a flag: its last occurrenc
 SAVE_DIR=$(last_value --save)
 TP=$(last_value --tensor-model-parallel-size 1)
 PP=$(last_value --pipeline-model-parallel-size 1)
-RANKS=${SLURM_NTASKS:?run this script with sbatch}
-if (( RANKS % (TP * PP) )); then
-    echo "train_regate.sh: $RANKS ranks are not divisible by TP $TP x PP $PP" >&2
+TEACHER_RANKS=$(last_value --regate-teacher-ranks 0)  # the config's, or TEACHER_NODES'
+STUDENTS=$((RANKS - TEACHER_RANKS))
+if (( STUDENTS < 1 || STUDENTS % (TP * PP) )); then
+    echo "train_regate.sh: $STUDENTS student ranks ($RANKS - $TEACHER_RANKS teacher ranks) are" \
+         "not divisible by TP $TP x PP $PP" >&2
     exit 2
 fi
 mkdir -p "$SAVE_DIR"
@@ -106,7 +127,8 @@ rm -f "$MARKER"
 CMD=("$PYTHON" -u -m regate_megatron.train "${ARGS[@]}")
 echo "[train_regate.sh] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) config $CONFIG"
 echo "[train_regate.sh] layout: ${SLURM_JOB_NUM_NODES} nodes x ${SLURM_NTASKS_PER_NODE:-?} ranks" \
-     "= $RANKS ranks = TP $TP x PP $PP x DP $((RANKS / (TP * PP))); master $MASTER_ADDR:$MASTER_PORT"
+     "= $RANKS ranks = TP $TP x PP $PP x DP $((STUDENTS / (TP * PP))) students + $TEACHER_RANKS" \
+     "teacher ranks; master $MASTER_ADDR:$MASTER_PORT"
 echo "[train_regate.sh] checkpoints: $SAVE_DIR"
 echo "[train_regate.sh] command: $(printf '%q ' "${CMD[@]}")"
 

@@ -23,6 +23,13 @@ FROZEN_FLAGS = [
     "--regate-dense-steps",
     "--regate-teacher-visual",
     "--regate-ref-store",
+    # the online teacher (issue 12)
+    "--regate-teacher-ranks",
+    "--regate-teacher-load",
+    "--regate-teacher-tensor-model-parallel-size",
+    "--regate-teacher-pipeline-model-parallel-size",
+    "--regate-teacher-micro-batch-size",
+    "--regate-teacher-timeout",
 ]
 
 
@@ -32,15 +39,18 @@ def _parse(*argv):
 
 def test_flags_are_frozen_and_one_to_one_with_fields():
     parser = add_regate_args(argparse.ArgumentParser())
-    flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0].startswith("--regate")]
+    regate = [a for a in parser._actions
+              if a.option_strings and a.option_strings[0].startswith("--regate")]
+    flags = [a.option_strings[0] for a in regate]
     assert flags == FROZEN_FLAGS
     assert [flag_for(f.name) for f in dataclasses.fields(ReGateConfig)] == FROZEN_FLAGS
-    assert all(a.help for a in parser._actions if a.option_strings and a.option_strings[0].startswith("--regate"))
+    assert all(a.help for a in regate)
 
 
 def test_defaults_and_parsing():
     assert ReGateConfig.from_args(_parse()) == ReGateConfig()
-    cfg = ReGateConfig.from_args(_parse("--regate", "--regate-keep-ratio", "0.25", "--regate-layers", "2:6"))
+    cfg = ReGateConfig.from_args(
+        _parse("--regate", "--regate-keep-ratio", "0.25", "--regate-layers", "2:6"))
     assert cfg == ReGateConfig(enabled=True, keep_ratio=0.25, layers=(2, 6))
     assert cfg.layer_span(8) == (2, 6)
     assert ReGateConfig(layers=(None, 3)).layer_span(8) == (0, 3)
@@ -67,7 +77,8 @@ def test_bad_layer_span_text(text):
         ReGateConfig(layers=text)
 
 
-@pytest.mark.parametrize("span,num_layers", [((4, 2), 8), ((0, 9), 8), ((-1, 3), 8), ((8, None), 8)])
+@pytest.mark.parametrize("span,num_layers",
+                         [((4, 2), 8), ((0, 9), 8), ((-1, 3), 8), ((8, None), 8)])
 def test_span_outside_model(span, num_layers):
     with pytest.raises(ValueError, match="--regate-layers"):
         ReGateConfig(layers=span).layer_span(num_layers)
@@ -105,7 +116,8 @@ def test_choices_come_from_one_table():
     for name, allowed in CHOICES.items():
         with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
             _parse(flag_for(name), "bogus")
-        with pytest.raises(ValueError, match=f"{flag_for(name)} must be one of {', '.join(allowed)}"):
+        message = f"{flag_for(name)} must be one of {', '.join(allowed)}"
+        with pytest.raises(ValueError, match=message):
             ReGateConfig(**{name: "bogus"})
 
 
@@ -118,9 +130,16 @@ def test_choices_come_from_one_table():
     (dict(warmup_steps=-1), "--regate-warmup-steps must be an integer >= 0"),
     (dict(cycle_steps=0), "--regate-cycle-steps must be an integer >= 1"),
     (dict(dense_steps=-1), "--regate-dense-steps must be an integer >= 0"),
-    (dict(cycle_steps=4, dense_steps=4), "--regate-dense-steps must be < --regate-cycle-steps \\(4\\)"),
+    (dict(cycle_steps=4, dense_steps=4),
+     "--regate-dense-steps must be < --regate-cycle-steps \\(4\\)"),
     (dict(cycle_steps=2.5), "--regate-cycle-steps must be an integer"),
     (dict(ref_store=""), "--regate-ref-store must be a non-empty path"),
+    (dict(teacher_ranks=-1), "--regate-teacher-ranks must be an integer >= 0"),
+    (dict(teacher_ranks=1), "--regate-teacher-ranks needs --regate-teacher-load"),
+    (dict(teacher_ranks=1, teacher_load="t", ref_store="s"), "pass one"),
+    (dict(teacher_tensor_model_parallel_size=0),
+     "--regate-teacher-tensor-model-parallel-size must be an integer >= 1"),
+    (dict(teacher_timeout=0.0), "--regate-teacher-timeout must be > 0"),
 ])
 def test_invalid_values_name_the_flag(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -214,6 +214,21 @@ def _job_id(out):
     return re.search(r"\[train_regate.sh\] job (\d+)", out.read_text()).group(1)
 
 
+def test_online_teacher_on_its_own_node(cluster, ws, tp2_job):
+    """TEACHER_NODES=1: the second node's 2 ranks run the teacher (TP2), the first node's are
+    the TP2 students; the same kept tokens per step as the offline TP2 job."""
+    proc, out = sbatch(cluster, ws, "train_regate.sh", *TP2,
+                       "--regate-teacher-tensor-model-parallel-size", "2", ckpt="online",
+                       TEACHER_NODES="1")
+    log = finish(proc, out)
+    assert "= 4 ranks = TP 2 x PP 1 x DP 1 students + 2 teacher ranks" in log
+    assert "--regate-teacher-ranks 2" in log and "--regate-ref-store" not in log
+    rows, offline = metrics(ws / "online" / "metrics.jsonl"), metrics(ws / "tp2" / "metrics.jsonl")
+    assert [m["step"] for m in rows] == list(range(1, ITERS + 1))
+    for a, b in zip(rows, offline, strict=True):
+        assert a["kept_target_tokens"] == b["kept_target_tokens"] and a["teacher_wait_s"] >= 0
+
+
 def test_usr1_requeue_resumes_like_uninterrupted(cluster, ws, tp2_job):
     from test_cli import _final_weights
 
