@@ -179,7 +179,9 @@ def destroy_parallel() -> None:
 
 def run_tool(prog: str, body: Callable[[], Any]) -> int:
     """Run a command-line tool's body: an input error (bad data, store, checkpoint) becomes
-    one message naming the tool and exit status 2; parallel state is always torn down."""
+    one message naming the tool and exit status 2. The parallel state the body brought up is
+    always torn down; one that was up before (a caller's, e.g. a test session's) is left."""
+    brought_up = not dist.is_initialized()
     try:
         body()
     except (ValueError, FileNotFoundError) as err:
@@ -192,6 +194,6 @@ def run_tool(prog: str, body: Callable[[], Any]) -> int:
         traceback.print_exc()
         return 1
     finally:
-        if dist.is_initialized():
+        if brought_up and dist.is_initialized():
             destroy_parallel()
     return 0

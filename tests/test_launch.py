@@ -58,3 +58,17 @@ def test_a_failing_rank_names_itself(monkeypatch, capsys):
     assert run_tool("regate-train", body) == 1
     err = capsys.readouterr().err
     assert "regate-train: rank 3 of 4 (local rank 1 on " in err and "out of memory" in err
+
+
+def test_run_tool_leaves_a_world_it_did_not_bring_up(megatron_world):
+    """A tool called inside an existing world (a test session, a script embedding it) tears
+    down only what it brought up itself."""
+    from megatron.core import parallel_state
+
+    from regate_megatron.parallel import run_tool
+
+    def body():
+        raise ValueError("bad input")
+
+    assert run_tool("regate-train", body) == 2
+    assert parallel_state.model_parallel_is_initialized()
