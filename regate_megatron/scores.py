@@ -73,16 +73,20 @@ def normalize_scores(x: torch.Tensor, mode: str) -> torch.Tensor:
     return ((x64 - x64.mean()) / x64.std(unbiased=False)).to(torch.float32)
 
 
-def fuse_scores(
-    ref: torch.Tensor, difficulty: torch.Tensor, lambda_: float, norm: str
-) -> torch.Tensor:
-    """Importance ``lambda * N(ref) + (1 - lambda) * N(difficulty)`` of one scope's targets [n]."""
+def _check_fusion_inputs(ref: torch.Tensor, difficulty: torch.Tensor, lambda_: float) -> None:
     if ref.shape != difficulty.shape:
         raise ValueError(
             f"fuse_scores: ref {tuple(ref.shape)} and difficulty {tuple(difficulty.shape)} differ"
         )
     if not 0.0 <= lambda_ <= 1.0:
         raise ValueError(f"--regate-lambda must be in [0, 1], got {lambda_!r}")
+
+
+def fuse_scores(
+    ref: torch.Tensor, difficulty: torch.Tensor, lambda_: float, norm: str
+) -> torch.Tensor:
+    """Importance ``lambda * N(ref) + (1 - lambda) * N(difficulty)`` of one scope's targets [n]."""
+    _check_fusion_inputs(ref, difficulty, lambda_)
     return (lambda_ * normalize_scores(ref, norm)
             + (1.0 - lambda_) * normalize_scores(difficulty, norm))
 
@@ -132,12 +136,7 @@ def fuse_segments(
     ref: torch.Tensor, difficulty: torch.Tensor, counts: torch.Tensor, lambda_: float, norm: str
 ) -> torch.Tensor:
     """`fuse_scores` of each consecutive segment (one sample's targets), concatenated [n]."""
-    if ref.shape != difficulty.shape:
-        raise ValueError(
-            f"fuse_scores: ref {tuple(ref.shape)} and difficulty {tuple(difficulty.shape)} differ"
-        )
-    if not 0.0 <= lambda_ <= 1.0:
-        raise ValueError(f"--regate-lambda must be in [0, 1], got {lambda_!r}")
+    _check_fusion_inputs(ref, difficulty, lambda_)
     return (lambda_ * normalize_segments(ref, counts, norm)
             + (1.0 - lambda_) * normalize_segments(difficulty, counts, norm))
 

@@ -9,37 +9,16 @@ import torch
 from dist import run_world
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scoring_cases import MemoryRefStore
+from scoring_cases import make_cfg as _cfg
+from scoring_cases import tensor as _t
 
-from regate_megatron.config import ReGateConfig
 from regate_megatron.ema_table import EmaTable
 from regate_megatron.scorer import ReGateScorer
 from regate_megatron.scores import difficulty_of, fuse_scores, normalize_scores
 from regate_megatron.selection import keep_count
 
 NAN = float("nan")
-
-
-class MemoryRefStore:
-    """In-memory stand-in for the reference-loss store: ragged offsets + float16 values."""
-
-    def __init__(self, per_sample):
-        self.offsets = np.cumsum([0] + [len(v) for v in per_sample]).astype(np.int64)
-        self._values = np.concatenate(
-            [np.asarray(v, dtype=np.float16) for v in per_sample] + [np.zeros(0, np.float16)]
-        )
-
-    def __getitem__(self, sample_id):
-        return self._values[self.offsets[sample_id]:self.offsets[sample_id + 1]]
-
-
-def _cfg(**fields):
-    base = dict(enabled=True, schedule="constant", keep_ratio=0.5, ema_decay=0.5)
-    base.update(fields)
-    return ReGateConfig(**base)
-
-
-def _t(rows, dtype=torch.float32):
-    return torch.tensor(rows, dtype=dtype)
 
 
 def _same(a, b):

@@ -4,6 +4,9 @@ differ. Expected selections are worked out by hand from the scores written in th
 import numpy as np
 import pytest
 import torch
+from scoring_cases import MemoryRefStore
+from scoring_cases import make_cfg as _cfg
+from scoring_cases import tensor as _t
 
 from regate_megatron.config import ReGateConfig
 from regate_megatron.scorer import ReGateScorer, TargetCounts, open_reference
@@ -16,29 +19,6 @@ from regate_megatron.scores import (
     random_scores,
     random_seed_of,
 )
-
-
-class MemoryRefStore:
-    """In-memory reference-loss store: ragged offsets + float16 values."""
-
-    def __init__(self, per_sample):
-        self.offsets = np.cumsum([0] + [len(v) for v in per_sample]).astype(np.int64)
-        self._values = np.concatenate(
-            [np.asarray(v, dtype=np.float16) for v in per_sample] + [np.zeros(0, np.float16)]
-        )
-
-    def __getitem__(self, sample_id):
-        return self._values[self.offsets[sample_id]:self.offsets[sample_id + 1]]
-
-
-def _cfg(**fields):
-    base = dict(enabled=True, schedule="constant", keep_ratio=0.5, ema_decay=0.5)
-    base.update(fields)
-    return ReGateConfig(**base)
-
-
-def _t(rows, dtype=torch.float32):
-    return torch.tensor(rows, dtype=dtype)
 
 
 def _observe(scorer, step, ids, labels, loss_mask, losses):
