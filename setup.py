@@ -10,7 +10,7 @@ setup(
         "torch>=2.6",
         # 0.16.1 (Python >= 3.10) to 0.19.x (0.17+ need Python 3.12); CI tests 0.16.1 on CPU,
         # benchmarks/gpu_check.sh 0.16.1 and the newest 0.19.x on a GPU. API differences:
-        # regate_megatron/mcore_compat.py.
+        # regate_megatron/core/mcore_compat.py.
         "megatron-core>=0.16.1,<0.20",
         "packaging",
         "numpy",
@@ -26,11 +26,11 @@ setup(
     ],
     entry_points={
         "console_scripts": [
-            "regate-train=regate_megatron.train:main",
-            "regate-precompute-ref=regate_megatron.precompute:main",
-            "regate-demo=regate_megatron.demo.run:main",
-            "regate-ablate=regate_megatron.ablate:main",
-            "regate-inspect=regate_megatron.inspect_refs:main",
+            "regate-train=regate_megatron.training.train:main",
+            "regate-precompute-ref=regate_megatron.tools.precompute:main",
+            "regate-demo=regate_megatron.tools.demo.run:main",
+            "regate-ablate=regate_megatron.tools.ablate:main",
+            "regate-inspect=regate_megatron.tools.inspect_refs:main",
         ],
     },
     extras_require={

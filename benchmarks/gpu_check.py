@@ -35,8 +35,8 @@ RERUN_FACTOR = 4.0
 
 
 def cmd_data(work: str) -> None:
-    from regate_megatron.demo.digits import build_digits_vqa
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
+    from regate_megatron.tools.demo.digits import build_digits_vqa
 
     data = build_digits_vqa(os.path.join(work, "data"), seed=0)
     train_sentencepiece(data["corpus"], os.path.join(work, "tokenizer"), vocab_size=256)

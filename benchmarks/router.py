@@ -11,7 +11,7 @@ FLOP-ideal speedup of the same selection, and each variant's peak GPU memory. Th
 line is machine-readable:
 overhead_ratio=<routed rho=1 / stock> speedup_0.5=<dense / routed rho=0.5> ideal_0.5=<FLOP-ideal>
 (`--json PATH` writes every number). Everything runs on this rank's device
-(`regate_megatron.parallel.rank_device`). `--profile PATH` then profiles one step of each
+(`regate_megatron.training.parallel.rank_device`). `--profile PATH` then profiles one step of each
 variant with torch.profiler and writes the top kernels by device time (CPU time on CPU) per
 variant to PATH, printing those of stock and routed rho=0.5: where a speedup below 0.9 x ideal
 goes (gather/scatter, padding, attention kernels, host syncs).
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from regate_megatron.config import ReGateConfig, add_regate_args  # noqa: E402
-from regate_megatron.selection import select_top_targets  # noqa: E402
+from regate_megatron.core.selection import select_top_targets  # noqa: E402
 
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -64,8 +64,8 @@ def build(args, device, routed: bool, state=None):
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from regate_megatron.model import ReGateGPTModel
-    from regate_megatron.spec import get_regate_decoder_block_spec
+    from regate_megatron.core.model import ReGateGPTModel
+    from regate_megatron.core.spec import get_regate_decoder_block_spec
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = TransformerConfig(
@@ -120,8 +120,8 @@ def profile_variants(variants, step, device, path, top, show=("stock", "routed_0
 
 def main(argv=None):
     args = parse_args(argv)
-    from regate_megatron.mcore_compat import mcore_version
-    from regate_megatron.parallel import initialize_parallel, rank_device
+    from regate_megatron.core.mcore_compat import mcore_version
+    from regate_megatron.training.parallel import initialize_parallel, rank_device
 
     initialize_parallel()
     device = rank_device()

@@ -62,7 +62,7 @@ def timed_train_step(run, timer: PhaseTimer) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from regate_megatron.selection import broadcast_selections
+    from regate_megatron.core.selection import broadcast_selections
 
     args, step = run.args, run.iteration
     start = time.perf_counter()
@@ -109,7 +109,7 @@ def timed_train_step(run, timer: PhaseTimer) -> dict:
 
 
 def ensure_workspace(work: str, teacher_steps: int) -> None:
-    from regate_megatron.demo import run as demo
+    from regate_megatron.tools.demo import run as demo
 
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(work, "tokenizer.model")):
@@ -121,9 +121,9 @@ def ensure_workspace(work: str, teacher_steps: int) -> None:
 
 
 def build_run(work: str, batch_size: int, regate: bool):
-    from regate_megatron.arguments import parse_args
-    from regate_megatron.demo.run import MODEL
-    from regate_megatron.train import Run
+    from regate_megatron.tools.demo.run import MODEL
+    from regate_megatron.training.arguments import parse_args
+    from regate_megatron.training.train import Run
 
     flags = [*MODEL, "--data-path", os.path.join(work, "data/train.json"),
              "--tokenizer-model", os.path.join(work, "tokenizer.model"),

@@ -56,8 +56,8 @@ def _steps(path: str):
 
 
 def main() -> None:
-    from regate_megatron.demo.digits import build_digits_vqa
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
+    from regate_megatron.tools.demo.digits import build_digits_vqa
 
     cli = argparse.ArgumentParser()
     cli.add_argument("--students", type=int, default=1)
@@ -69,16 +69,18 @@ def main() -> None:
     data = build_digits_vqa(os.path.join(work, "data"))
     tok = train_sentencepiece(data["corpus"], os.path.join(work, "tok"), vocab_size=256)
     common = ["--data-path", data["train"], "--tokenizer-model", tok, *MODEL]
-    _run("regate_megatron.train", [*common, "--text-only", "--train-iters", "2",
+    _run("regate_megatron.training.train", [*common, "--text-only", "--train-iters", "2",
                                    "--save", "teacher"], work)
-    _run("regate_megatron.precompute", ["--data-path", data["train"], "--tokenizer-model", tok,
+    _run("regate_megatron.tools.precompute", ["--data-path", data["train"], "--tokenizer-model",
+                                              tok,
                                         "--load", "teacher", "--output", "store", *LAYOUT,
                                         "--no-progress"], work)
     student = [*common, *REGATE, "--train-iters", str(opts.iters),
                "--global-batch-size", str(8 * opts.students)]
-    _run("regate_megatron.train", [*student, "--regate-ref-store", "store",
+    _run("regate_megatron.training.train", [*student, "--regate-ref-store", "store",
                                    "--metrics-jsonl", "offline.jsonl"], work, opts.students)
-    _run("regate_megatron.train", [*student, "--regate-teacher-ranks", str(opts.teacher_ranks),
+    _run("regate_megatron.training.train", [*student, "--regate-teacher-ranks",
+                                            str(opts.teacher_ranks),
                                    "--regate-teacher-load", "teacher",
                                    "--metrics-jsonl", "online.jsonl"],
          work, opts.students + opts.teacher_ranks)

@@ -3,7 +3,7 @@
 # last 2 run the frozen text-only teacher at TP 2 one global batch ahead and stream its
 # reference losses (no store to precompute); the first 2 are TP 2 students.
 #
-#   torchrun --nproc-per-node 4 -m regate_megatron.train $(flags of this config)
+#   torchrun --nproc-per-node 4 -m regate_megatron.training.train $(flags of this config)
 #   sbatch --nodes=2 --ntasks-per-node=2 slurm/train_regate.sh examples/online_teacher_tiny.sh
 #
 # Paths come from the environment (DATA_PATH, TOKENIZER_MODEL, TEACHER_CHECKPOINT: a

@@ -90,7 +90,7 @@ class ReGateConfig:
     """Keep-ratio schedule rho_t after warmup: 'constant' (--regate-keep-ratio always),
     'cyclic' (each cycle: --regate-dense-steps dense steps, then --regate-keep-ratio) or
     'cosine' (dense steps, then a cosine from 1 down to --regate-keep-ratio at the cycle's
-    last step). See regate_megatron.schedule."""
+    last step). See regate_megatron.scoring.schedule."""
 
     warmup_steps: int = 0
     """Dense optimizer steps (rho = 1) before the schedule starts."""

@@ -76,7 +76,7 @@ ARGS=(
     --no-progress
 )
 if [[ -n $IMAGE_ROOT ]]; then ARGS+=(--image-root "$IMAGE_ROOT"); fi
-CMD=("$PYTHON" -u -m regate_megatron.precompute "${ARGS[@]}" "$@")
+CMD=("$PYTHON" -u -m regate_megatron.tools.precompute "${ARGS[@]}" "$@")
 echo "[precompute_ref.sh] job $SLURM_JOB_ID config $CONFIG: ${SLURM_JOB_NUM_NODES} nodes," \
      "$SLURM_NTASKS data-parallel ranks; master $MASTER_ADDR:$MASTER_PORT"
 echo "[precompute_ref.sh] command: $(printf '%q ' "${CMD[@]}")"

@@ -67,7 +67,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}                 # as torchrun sets 
 export PYTHONUNBUFFERED=1
 
 # ---- rendezvous: the first node's address (its NodeAddr; the name may not resolve) and a
-# per-job port (the same rule as regate_megatron.parallel.launch_env)
+# per-job port (the same rule as regate_megatron.training.parallel.launch_env)
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 node_addr=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 export MASTER_ADDR=${MASTER_ADDR:-${node_addr:-$first_node}}
@@ -124,7 +124,7 @@ mkdir -p "$SAVE_DIR"
 MARKER=$SAVE_DIR/stopped_early        # written by the trainer when it stops early
 rm -f "$MARKER"
 
-CMD=("$PYTHON" -u -m regate_megatron.train "${ARGS[@]}")
+CMD=("$PYTHON" -u -m regate_megatron.training.train "${ARGS[@]}")
 echo "[train_regate.sh] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) config $CONFIG"
 echo "[train_regate.sh] layout: ${SLURM_JOB_NUM_NODES} nodes x ${SLURM_NTASKS_PER_NODE:-?} ranks" \
      "= $RANKS ranks = TP $TP x PP $PP x DP $((STUDENTS / (TP * PP))) students + $TEACHER_RANKS" \

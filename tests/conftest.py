@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 @pytest.fixture(scope="session")
 def megatron_world():
     """A one-rank world in the pytest process (TP = PP = 1)."""
-    from regate_megatron.parallel import destroy_parallel, initialize_parallel
+    from regate_megatron.training.parallel import destroy_parallel, initialize_parallel
 
     initialize_parallel()
     yield

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.multiprocessing as mp
 
-from regate_megatron.parallel import destroy_parallel, initialize_parallel
+from regate_megatron.training.parallel import destroy_parallel, initialize_parallel
 
 __all__ = ["WorldError", "run_world"]
 

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 
-from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 WORDS = (
     "what is in the image a red green blue cat dog sits on mat picture shows number seven "

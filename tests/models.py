@@ -10,8 +10,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from regate_megatron.config import ReGateConfig
-from regate_megatron.model import ReGateGPTModel
-from regate_megatron.spec import get_regate_decoder_block_spec
+from regate_megatron.core.model import ReGateGPTModel
+from regate_megatron.core.spec import get_regate_decoder_block_spec
 
 VOCAB = 64
 MAX_SEQ = 32

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from regate_megatron.ablate import (
+from regate_megatron.tools.ablate import (
     _finished,
     _layout_flags,
     format_table,

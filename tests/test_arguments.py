@@ -2,9 +2,9 @@
 
 import pytest
 
-from regate_megatron.arguments import build_parser, parse_args
-from regate_megatron.sampler import global_batch_positions, local_microbatch_positions
-from regate_megatron.train import padded_vocab_size
+from regate_megatron.data.sampler import global_batch_positions, local_microbatch_positions
+from regate_megatron.training.arguments import build_parser, parse_args
+from regate_megatron.training.train import padded_vocab_size
 
 FROZEN_TRAIN_FLAGS = [
     "--adam-beta1", "--adam-beta2", "--adam-eps", "--attention-dropout", "--bf16",
@@ -41,7 +41,7 @@ EXIT_FLAGS = ["--exit-duration-in-mins", "--exit-interval", "--exit-signal",
 
 
 def test_train_flags_are_frozen():
-    from regate_megatron.megatron_lm_flags import FLAGS
+    from regate_megatron.training.megatron_lm_flags import FLAGS
 
     # The Megatron-LM launch-script flags that only the compatibility table defines are
     # frozen by tests/test_megatron_lm_flags.py.

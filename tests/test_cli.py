@@ -54,7 +54,8 @@ def _free_port():
 
 
 def train(ws, *flags, nproc=1, expect_ok=True):
-    return _run(["regate_megatron.train", *TINY, "--data-path", "train.json", "--tokenizer-model",
+    return _run(["regate_megatron.training.train", *TINY, "--data-path", "train.json",
+                 "--tokenizer-model",
                  "tok.model", *flags], ws, nproc, expect_ok)
 
 
@@ -65,7 +66,7 @@ def metrics(path):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
 
     root = tmp_path_factory.mktemp("cli")
     train_sentencepiece(synthetic_corpus(), str(root / "tok"), vocab_size=128)
@@ -73,7 +74,7 @@ def ws(tmp_path_factory):
     write_records(root / "train.json", records * 6)
     write_records(root / "valid.json", records)
     train(root, "--text-only", "--train-iters", "3", "--save", "teacher")
-    _run(["regate_megatron.precompute", "--data-path", "train.json", "--tokenizer-model",
+    _run(["regate_megatron.tools.precompute", "--data-path", "train.json", "--tokenizer-model",
           "tok.model", "--load", "teacher", "--output", "store", "--seq-length", str(SEQ),
           "--img-h", "8", "--img-w", "8", "--patch-dim", "4", "--no-progress",
           "--micro-batch-size", "3", "--shard-size", "5"], root)
@@ -91,7 +92,7 @@ def _final_weights(ws, ckpt):
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from regate_megatron.checkpoint import iteration_dir, latest_iteration
+    from regate_megatron.training.checkpoint import iteration_dir, latest_iteration
 
     path = iteration_dir(str(ws / ckpt), latest_iteration(str(ws / ckpt)))
     meta = FileSystemReader(path).read_metadata()
@@ -177,9 +178,9 @@ def test_distributed_optimizer_resume(ws):
 
 
 def test_precompute_two_ranks_equals_one(ws):
-    from regate_megatron.ref_store import RefLossStore
+    from regate_megatron.scoring.ref_store import RefLossStore
 
-    _run(["regate_megatron.precompute", "--data-path", "train.json", "--tokenizer-model",
+    _run(["regate_megatron.tools.precompute", "--data-path", "train.json", "--tokenizer-model",
           "tok.model", "--load", "teacher", "--output", "store2", "--seq-length", str(SEQ),
           "--img-h", "8", "--img-w", "8", "--patch-dim", "4", "--no-progress",
           "--micro-batch-size", "2", "--shard-size", "4"], ws, nproc=2)
@@ -205,7 +206,8 @@ def test_bad_inputs_fail_before_step_one(ws):
     # a store built for other data: named, before any step (no metrics written)
     records = mixed_records(str(ws))
     write_records(ws / "other.json", records * 5)
-    proc = _run(["regate_megatron.train", *TINY, "--data-path", "other.json", "--tokenizer-model",
+    proc = _run(["regate_megatron.training.train", *TINY, "--data-path", "other.json",
+                 "--tokenizer-model",
                  "tok.model", "--train-iters", "1", "--regate", "--regate-ref-store", "store",
                  "--metrics-jsonl", "bad.jsonl"], ws, expect_ok=False)
     assert proc.returncode == 2 and "regate-precompute-ref" in proc.stderr
@@ -214,24 +216,27 @@ def test_bad_inputs_fail_before_step_one(ws):
     bad = records + [{"id": "broken", "image": "missing.png",
                       "conversations": records[0]["conversations"]}]
     write_records(ws / "bad.json", bad)
-    proc = _run(["regate_megatron.train", *TINY, "--data-path", "bad.json", "--tokenizer-model",
+    proc = _run(["regate_megatron.training.train", *TINY, "--data-path", "bad.json",
+                 "--tokenizer-model",
                  "tok.model", "--train-iters", "1", "--metrics-jsonl", "bad.jsonl"], ws,
                 expect_ok=False)
     assert proc.returncode == 2 and "broken" in proc.stderr and "--skip-bad-samples" in proc.stderr
     assert not (ws / "bad.jsonl").exists()
     # a teacher trained with another tokenizer: refused before any teacher compute
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
 
     train_sentencepiece([line.upper() for line in synthetic_corpus()], str(ws / "other_tok"),
                         vocab_size=100)
-    proc = _run(["regate_megatron.precompute", "--data-path", "train.json", "--tokenizer-model",
+    proc = _run(["regate_megatron.tools.precompute", "--data-path", "train.json",
+                 "--tokenizer-model",
                  "other_tok.model", "--load", "teacher", "--output", "store_bad",
                  "--seq-length", str(SEQ), "--img-h", "8", "--img-w", "8", "--patch-dim", "4"],
                 ws, expect_ok=False)
     assert proc.returncode == 2 and "share the tokenizer" in proc.stderr
     assert not (ws / "store_bad").exists()
     # ... and --skip-bad-samples trains on the rest
-    train_ok = _run(["regate_megatron.train", *TINY, "--data-path", "bad.json", "--tokenizer-model",
+    train_ok = _run(["regate_megatron.training.train", *TINY, "--data-path", "bad.json",
+                     "--tokenizer-model",
                      "tok.model", "--train-iters", "1", "--skip-bad-samples"], ws)
     assert "skipped 1 bad records" in train_ok.stdout
 
@@ -271,7 +276,7 @@ def test_selector_resume_equals_uninterrupted(ws, selector):
     the regate run's schedule and keep counts (only the kept targets differ)."""
     import shutil
 
-    from regate_megatron.checkpoint import iteration_dir
+    from regate_megatron.training.checkpoint import iteration_dir
 
     flags = [*REGATE, "--regate-selector", selector, "--language-model-checkpoint", "teacher"]
     if selector == "excess":
@@ -305,7 +310,7 @@ def test_ablate_on_a_llava_dataset(ws):
     after --), with a teacher ablation store built from a checkpoint; a second call skips the
     finished runs."""
     model = [f for i, f in enumerate(TINY) if "--seed" not in TINY[max(i - 1, 0):i + 1]]
-    cmd = ["regate_megatron.ablate", "--workdir", "abl", "--data-path", "train.json",
+    cmd = ["regate_megatron.tools.ablate", "--workdir", "abl", "--data-path", "train.json",
            "--valid-data-path", "valid.json", "--tokenizer-model", "tok.model",
            "--ref-store", "store", "--language-model-checkpoint", "teacher",
            "--variants", "random", "excess", "--seeds", "1", "--steps", "2",

@@ -1,4 +1,5 @@
-"""Tests for regate_megatron.cpu_compat and regate_megatron.local_modules on real gloo worlds.
+"""Tests for regate_megatron.core.cpu_compat and regate_megatron.core.local_modules on real gloo
+worlds.
 
 Importing torch + megatron costs ~3 s per process, so every check that needs
 Megatron runs inside ONE spawned 2-rank world (``two_rank_world``, module
@@ -23,7 +24,7 @@ import pytest
 import torch
 from dist import WorldError, run_world
 
-from regate_megatron.cpu_compat import guard_pipeline_p2p
+from regate_megatron.core.cpu_compat import guard_pipeline_p2p
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +62,7 @@ def local_layer_spec(core_attention=None, norm=None):
     """Megatron's local GPT layer spec with TorchSDPACoreAttention (and optionally a norm)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from regate_megatron.local_modules import TorchSDPACoreAttention
+    from regate_megatron.core.local_modules import TorchSDPACoreAttention
 
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention.submodules.core_attention = (
@@ -80,7 +81,7 @@ def sp_block_spec(config, vp_stage=None):
         get_num_layers_to_build,
     )
 
-    from regate_megatron.local_modules import SequenceParallelTorchNorm
+    from regate_megatron.core.local_modules import SequenceParallelTorchNorm
 
     layer_spec = local_layer_spec(norm=SequenceParallelTorchNorm)
     return TransformerBlockSubmodules(
@@ -188,7 +189,7 @@ def _phase_attention() -> dict:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from regate_megatron.local_modules import TorchSDPACoreAttention
+    from regate_megatron.core.local_modules import TorchSDPACoreAttention
 
     out = {}
     gen = torch.Generator().manual_seed(3)
@@ -332,8 +333,8 @@ def _build_llava(tp: int):
     from megatron.core.models.multimodal.llava_model import LLaVAModel
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 
-    from regate_megatron.local_modules import TorchSDPACoreAttention
-    from regate_megatron.mcore_compat import mlp_submodules
+    from regate_megatron.core.local_modules import TorchSDPACoreAttention
+    from regate_megatron.core.mcore_compat import mlp_submodules
 
     vision_config = tiny_config(tensor_model_parallel_size=tp)
     vision_config.vision_model_type = "clip"
@@ -379,7 +380,7 @@ def _phase_tensor_parallel() -> dict:
         finalize_model_grads,
     )
 
-    from regate_megatron.local_modules import SequenceParallelTorchNorm
+    from regate_megatron.core.local_modules import SequenceParallelTorchNorm
 
     out = {}
     batches = token_batches(2, seed=7)
@@ -505,7 +506,7 @@ def _phase_pipeline() -> dict:
     """PP=2 1F1B and interleaved PP=2 x VPP=2 against one unpipelined model."""
     import torch.distributed as dist
 
-    from regate_megatron.cpu_compat import guard_pipeline_p2p
+    from regate_megatron.core.cpu_compat import guard_pipeline_p2p
 
     out = {}
     layers, num_microbatches = 4, 4
@@ -597,7 +598,7 @@ def two_rank_world() -> list:
 _PATCH_CHECK = textwrap.dedent(
     """
     import torch
-    import regate_megatron.cpu_compat as cc
+    import regate_megatron.core.cpu_compat as cc
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as mpu_random
     from megatron.core.optimizer import clip_grads, optimizer as mcore_optimizer
@@ -672,7 +673,7 @@ def test_import_patches_nothing_and_apply_is_idempotent():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_apply_is_noop_with_cuda():
-    from regate_megatron.cpu_compat import PATCH_MARKER, apply_cpu_compat
+    from regate_megatron.core.cpu_compat import PATCH_MARKER, apply_cpu_compat
 
     assert apply_cpu_compat() is False
     assert not getattr(torch.cuda.current_device, PATCH_MARKER, False)

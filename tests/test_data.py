@@ -17,14 +17,14 @@ from fixtures_data import (  # noqa: F401 -- fixtures
     write_records,
 )
 
-from regate_megatron.data import (
+from regate_megatron.data.llava import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     ConversationDataset,
     collate,
     load_image,
 )
-from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 K = 4  # image tokens per image
 HW = (8, 8)

@@ -16,19 +16,24 @@ from fixtures_data import (  # noqa: F401 -- spm_* are fixtures
     write_records,
 )
 
-from regate_megatron.data import ConversationDataset
-from regate_megatron.demo.digits import TEMPLATES, answer_text, build_digits_vqa, question_text
-from regate_megatron.demo.report import (
+from regate_megatron.data.llava import ConversationDataset
+from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from regate_megatron.scoring.ref_store import RefLossStore, write_store
+from regate_megatron.tools.demo.digits import (
+    TEMPLATES,
+    answer_text,
+    build_digits_vqa,
+    question_text,
+)
+from regate_megatron.tools.demo.report import (
     format_table,
     load_metrics,
     plot_accuracy_vs_tokens,
     summary_line,
     time_to_accuracy,
 )
-from regate_megatron.inspect_refs import main as inspect_main
-from regate_megatron.inspect_refs import render
-from regate_megatron.ref_store import RefLossStore, write_store
-from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from regate_megatron.tools.inspect_refs import main as inspect_main
+from regate_megatron.tools.inspect_refs import render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from dist import run_world
 
-from regate_megatron.data import Batch
-from regate_megatron.selection import TokenSelection, broadcast_selections, select_top_targets
+from regate_megatron.core.selection import TokenSelection, broadcast_selections, select_top_targets
+from regate_megatron.data.llava import Batch
 
 
 def _batch() -> Batch:
@@ -118,9 +118,9 @@ def tiny_student_workspace(root: str) -> list:
     the flags (paths under ``root``)."""
     from fixtures_data import mixed_records, synthetic_corpus, write_records
 
-    from regate_megatron.data import ConversationDataset
-    from regate_megatron.ref_store import write_store
-    from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from regate_megatron.data.llava import ConversationDataset
+    from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from regate_megatron.scoring.ref_store import write_store
 
     tok = train_sentencepiece(synthetic_corpus(), os.path.join(root, "tok"), vocab_size=128)
     records = mixed_records(root)
@@ -150,10 +150,10 @@ def tiny_student_workspace(root: str) -> list:
 def inputs_on_rank_device_world(rank: int, root: str, extra: list) -> dict:
     """One routed training step and one evaluation (loss + greedy decoding) with a hook on
     the model: every tensor it receives must be on `run.device`."""
-    from regate_megatron.arguments import parse_args
-    from regate_megatron.evaluation import evaluate
-    from regate_megatron.parallel import rank_device
-    from regate_megatron.train import Run
+    from regate_megatron.training.arguments import parse_args
+    from regate_megatron.training.evaluation import evaluate
+    from regate_megatron.training.parallel import rank_device
+    from regate_megatron.training.train import Run
 
     run = Run(parse_args(tiny_student_workspace(root) + list(extra))).setup()
     assert run.device == rank_device()

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from regate_megatron.arguments import parse_args
+from regate_megatron.training.arguments import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.sh")))

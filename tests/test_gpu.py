@@ -10,7 +10,7 @@ run by `benchmarks/gpu_check.sh`); every test skips cleanly without CUDA.
 - a `regate-train` LLaVA student step with ReGATE (routed, bf16), its evaluation and greedy
   decoding receive every tensor on the rank's device;
 - the distributed optimizer resumes exactly with torch Adam on CUDA (the fixes of
-  `regate_megatron.optimizer_state` are needed there too, not only on CPU).
+  `regate_megatron.training.optimizer_state` are needed there too, not only on CPU).
 
 ``REGATE_GPU_TESTS_ON_CPU=1`` runs them on the CPU instead (gloo, no padding to 16): how
 ``benchmarks/gpu_check.sh --dry-run`` checks its plumbing on a machine without a GPU.
@@ -32,7 +32,7 @@ pytestmark = [
 
 
 def _device():
-    from regate_megatron.parallel import rank_device
+    from regate_megatron.training.parallel import rank_device
 
     return rank_device()
 
@@ -63,7 +63,7 @@ def _batch(seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rho_one_equals_stock_megatron(megatron_world, dtype):
-    from regate_megatron.selection import select_top_targets
+    from regate_megatron.core.selection import select_top_targets
 
     stock, routed, _ = _models(dtype)
     tokens, labels, pos, targets, scores = _batch()
@@ -87,7 +87,7 @@ def test_rho_one_equals_stock_megatron(megatron_world, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_routed_logits_equal_compacted_dense_run(megatron_world, dtype):
-    from regate_megatron.selection import select_top_targets
+    from regate_megatron.core.selection import select_top_targets
 
     _, routed, reference = _models(dtype, init_method_std=0.3)
     cuda = _device().type == "cuda"
@@ -109,7 +109,7 @@ def test_routed_logits_equal_compacted_dense_run(megatron_world, dtype):
 def test_broadcast_selections_on_the_gpu_on_the_source_rank(megatron_world):
     import torch.distributed as dist
 
-    from regate_megatron.selection import broadcast_selections, select_top_targets
+    from regate_megatron.core.selection import broadcast_selections, select_top_targets
 
     assert dist.get_backend() == ("nccl" if _device().type == "cuda" else "gloo")
     tokens, labels, pos, targets, scores = (t.cpu() for t in _batch())
@@ -132,7 +132,7 @@ def test_llava_student_step_with_regate_bf16_on_the_rank_device(tmp_path):
 def test_distributed_optimizer_resume_on_cuda_needs_the_torch_adam_fixes(tmp_path):
     from test_optimizer_state import check_resume, resume_world
 
-    from regate_megatron.spec import have_transformer_engine
+    from regate_megatron.core.spec import have_transformer_engine
 
     results = run_world(resume_world, 1, ckpt_dir=str(tmp_path), timeout=300)
     fused = have_transformer_engine() or _have_apex()
@@ -149,7 +149,7 @@ def _have_apex() -> bool:
 
 def test_dataclass_replace_keeps_batch_on_device():
     """Greedy decoding rebuilds its batch with dataclasses.replace before `Batch.to`."""
-    from regate_megatron.data import Batch
+    from regate_megatron.data.llava import Batch
 
     batch = Batch(*(torch.zeros(2, 3, dtype=torch.long) for _ in range(6))).to(_device())
     moved = dataclasses.replace(batch, tokens=torch.ones(2, 3, dtype=torch.long)).to(_device())

@@ -1,9 +1,9 @@
 """The launcher mapping: torchrun's and srun's variables to rank, world, local rank and
-rendezvous, read in one place (`regate_megatron.parallel.launch_env`)."""
+rendezvous, read in one place (`regate_megatron.training.parallel.launch_env`)."""
 
 import pytest
 
-from regate_megatron.parallel import first_slurm_host, launch_env
+from regate_megatron.training.parallel import first_slurm_host, launch_env
 
 SRUN = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
         "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "4242"}
@@ -47,7 +47,7 @@ def test_bad_values_are_named():
 def test_a_failing_rank_names_itself(monkeypatch, capsys):
     """An uncaught error in a tool becomes exit status 1 and a line naming the rank, so a
     multi-node job's log says which rank died (srun --label adds the rank to every line too)."""
-    from regate_megatron.parallel import run_tool
+    from regate_megatron.training.parallel import run_tool
 
     for name, value in SRUN.items():
         monkeypatch.setenv(name, value)
@@ -65,7 +65,7 @@ def test_run_tool_leaves_a_world_it_did_not_bring_up(megatron_world):
     down only what it brought up itself."""
     from megatron.core import parallel_state
 
-    from regate_megatron.parallel import run_tool
+    from regate_megatron.training.parallel import run_tool
 
     def body():
         raise ValueError("bad input")

@@ -1,4 +1,5 @@
-"""Megatron-LM's multimodal launch-script flags: the table (`regate_megatron.megatron_lm_flags`)
+"""Megatron-LM's multimodal launch-script flags: the table
+(`regate_megatron.training.megatron_lm_flags`)
 covers every flag of the pinned scripts, the docs table is generated from it, and each
 status is real: honoured flags change what is run, no-ops are accepted with a note,
 refused flags fail with the flag and the reason."""
@@ -7,8 +8,8 @@ import os
 
 import pytest
 
-from regate_megatron.arguments import build_parser, parse_args
-from regate_megatron.megatron_lm_flags import FLAGS, NOOP, REFUSED, markdown_table
+from regate_megatron.training.arguments import build_parser, parse_args
+from regate_megatron.training.megatron_lm_flags import FLAGS, NOOP, REFUSED, markdown_table
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
@@ -29,7 +30,8 @@ def test_every_pinned_script_flag_has_a_status():
 def test_docs_table_is_generated_from_the_code():
     with open(os.path.join(DOCS, "megatron_lm_flags.md")) as f:
         assert f.read() == markdown_table(), (
-            "regenerate: python -c 'from regate_megatron.megatron_lm_flags import markdown_table; "
+            "regenerate: python -c "
+            "'from regate_megatron.training.megatron_lm_flags import markdown_table; "
             "open(\"docs/megatron_lm_flags.md\", \"w\").write(markdown_table())'")
 
 

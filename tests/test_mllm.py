@@ -7,12 +7,12 @@ from fixtures_data import conv, mixed_records, spm_model_path, spm_tokenizer, wr
 from megatron.core.models.multimodal.llava_model import LLaVAModel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from regate_megatron.arguments import build_parser, fill_model_defaults, language_config
 from regate_megatron.config import ReGateConfig
-from regate_megatron.data import ConversationDataset, collate
-from regate_megatron.mllm import build_model, llava_inputs, llava_kwargs, num_image_tokens
-from regate_megatron.selection import TokenSelection, select_top_targets
-from regate_megatron.spec import get_regate_decoder_block_spec
+from regate_megatron.core.mllm import build_model, llava_inputs, llava_kwargs, num_image_tokens
+from regate_megatron.core.selection import TokenSelection, select_top_targets
+from regate_megatron.core.spec import get_regate_decoder_block_spec
+from regate_megatron.data.llava import ConversationDataset, collate
+from regate_megatron.training.arguments import build_parser, fill_model_defaults, language_config
 
 SEQ = 48
 VOCAB = 128
@@ -125,7 +125,7 @@ def test_freeze_flags_follow_megatron(megatron_world):
 
 
 def _load_parts(rank, ckpt_dir):
-    from regate_megatron.checkpoint import load_module_weights, save_checkpoint
+    from regate_megatron.training.checkpoint import load_module_weights, save_checkpoint
 
     args = tiny_args()
     torch.manual_seed(1)
@@ -164,8 +164,8 @@ def test_language_and_vision_weights_load_from_a_llava_checkpoint(tmp_path):
 def test_text_only_runs_keep_the_students_image_layout(megatron_world, tmp_path, spm_model_path):
     """The teacher is trained on the positions regate-precompute-ref scores: every image
     keeps the student's slot count (masked in the teacher view), not one slot."""
-    from regate_megatron.arguments import parse_args
-    from regate_megatron.train import Run
+    from regate_megatron.training.arguments import parse_args
+    from regate_megatron.training.train import Run
 
     write_records(tmp_path / "d.json", mixed_records(str(tmp_path)))
     argv = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "4",

@@ -9,7 +9,7 @@
 
 One module-scoped workspace: tokenizer, records, and a reference-loss store written
 directly (synthetic teacher losses; the store's checks are the real ones). Input errors
-that arise before any process group exists run `regate_megatron.train.main` in-process
+that arise before any process group exists run `regate_megatron.training.train.main` in-process
 (its exit status and stderr are what the command line gives); everything else is a
 subprocess (torchrun on gloo for several ranks).
 """
@@ -41,14 +41,15 @@ REGATE = ["--regate", "--regate-ref-store", "store", "--regate-keep-ratio", "0.4
 
 
 def train(ws, *flags, nproc=1, expect_ok=True):
-    return _run(["regate_megatron.train", *TINY, "--data-path", "train.json", "--tokenizer-model",
+    return _run(["regate_megatron.training.train", *TINY, "--data-path", "train.json",
+                 "--tokenizer-model",
                  "tok.model", *flags], ws, nproc, expect_ok)
 
 
 def train_in_process(ws, monkeypatch, capsys, *flags):
     """`regate-train ...` in this process (for errors before any process group): exit status,
     stderr."""
-    from regate_megatron.train import main
+    from regate_megatron.training.train import main
 
     monkeypatch.chdir(ws)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -76,9 +77,9 @@ def one_error_line(stderr: str) -> str:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from regate_megatron.data import ConversationDataset
-    from regate_megatron.ref_store import write_store
-    from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from regate_megatron.data.llava import ConversationDataset
+    from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from regate_megatron.scoring.ref_store import write_store
 
     root = tmp_path_factory.mktemp("never_corrupt")
     train_sentencepiece(synthetic_corpus(), str(root / "tok"), vocab_size=128)
@@ -102,7 +103,7 @@ def _assert_nothing_non_finite_saved(ckpt):
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from regate_megatron.checkpoint import iteration_dir, latest_iteration
+    from regate_megatron.training.checkpoint import iteration_dir, latest_iteration
 
     latest = latest_iteration(str(ckpt))
     for name in sorted(os.listdir(ckpt)):
@@ -229,7 +230,7 @@ def test_resume_extends_refuses_or_overrides_the_schedule(ws, monkeypatch, capsy
 
 # ------------------------------------------------- 3. global batch and data position vs DP
 def _common_state(ckpt):
-    from regate_megatron.checkpoint import read_common_state
+    from regate_megatron.training.checkpoint import read_common_state
 
     return read_common_state(str(ckpt))
 
@@ -285,7 +286,8 @@ def _session_processes(sid):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_trainer_leaves_no_writer_and_stale_tmp_is_removed(ws, monkeypatch, capsys):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "regate_megatron.train", *TINY, "--data-path", "train.json",
+    cmd = [sys.executable, "-m", "regate_megatron.training.train", *TINY, "--data-path",
+           "train.json",
            "--tokenizer-model", "tok.model", "--micro-batch-size", "2", "--train-iters", "400",
            "--save", "killed", "--save-interval", "1"]
     proc = subprocess.Popen(cmd, cwd=ws, env=env, start_new_session=True,

@@ -24,13 +24,13 @@ SAME = ("lm_loss", "keep_ratio", "target_tokens", "kept_target_tokens", "layer_t
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
 
     root = tmp_path_factory.mktemp("online")
     train_sentencepiece(synthetic_corpus(), str(root / "tok"), vocab_size=128)
     write_records(root / "train.json", mixed_records(str(root)) * 6)
     train(root, "--text-only", "--train-iters", "3", "--save", "teacher")
-    _run(["regate_megatron.precompute", "--data-path", "train.json", "--tokenizer-model",
+    _run(["regate_megatron.tools.precompute", "--data-path", "train.json", "--tokenizer-model",
           "tok.model", "--load", "teacher", "--output", "store", "--seq-length", str(SEQ),
           "--img-h", "8", "--img-w", "8", "--patch-dim", "4", "--no-progress",
           "--micro-batch-size", "1"], root)
@@ -101,7 +101,8 @@ def _by_hand(ws, *flags, jsonl):
     """2 students + 1 teacher rank started without torchrun (nothing tears the job down for
     them); returns the processes once the students have logged two steps."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "regate_megatron.train", *TINY, "--data-path", "train.json",
+    cmd = [sys.executable, "-m", "regate_megatron.training.train", *TINY, "--data-path",
+           "train.json",
            "--tokenizer-model", "tok.model", *COMMON, *ONLINE, "--regate-teacher-ranks", "1",
            "--train-iters", "400", "--metrics-jsonl", jsonl, *flags]
     procs = []
@@ -153,11 +154,11 @@ def test_bad_online_flags(ws):
     assert proc.returncode != 0
     assert "--regate-teacher-ranks 1 must leave student ranks" in proc.stderr
     # refused before step 1, on every rank: a teacher of another tokenizer, a LLaVA checkpoint
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
 
     train_sentencepiece([line.upper() for line in synthetic_corpus()], str(ws / "other_tok"),
                         vocab_size=100)
-    proc = _run(["regate_megatron.train", *TINY, "--data-path", "train.json",
+    proc = _run(["regate_megatron.training.train", *TINY, "--data-path", "train.json",
                  "--tokenizer-model", "other_tok.model", *COMMON, *ONLINE,
                  "--regate-teacher-ranks", "1", "--train-iters", "1", "--metrics-jsonl",
                  "bad_tok.jsonl"], ws, nproc=2, expect_ok=False)

@@ -1,4 +1,5 @@
-"""Distributed-optimizer checkpoint fixes (`regate_megatron.optimizer_state`): which are needed
+"""Distributed-optimizer checkpoint fixes (`regate_megatron.training.optimizer_state`): which are
+needed
 where, and that a resumed run equals the uninterrupted one.
 
 Megatron-Core uses torch Adam when neither Transformer Engine nor Apex is installed (CPU,
@@ -13,7 +14,7 @@ import pytest
 import torch
 from dist import run_world
 
-from regate_megatron.optimizer_state import (
+from regate_megatron.training.optimizer_state import (
     WORKING_DISTRIB_OPTIM_SHARDINGS,
     check_distrib_optim_sharding,
     fix_optimizer_step_after_load,
@@ -37,7 +38,7 @@ def _build(seed: int):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from models import build_gpt, tiny_config
 
-    from regate_megatron.parallel import rank_device
+    from regate_megatron.training.parallel import rank_device
 
     config = tiny_config()
     config.finalize_model_grads_func = finalize_model_grads
@@ -53,7 +54,7 @@ def _build(seed: int):
 
 
 def _forward_step(data_iterator, model):
-    from regate_megatron.parallel import rank_device
+    from regate_megatron.training.parallel import rank_device
 
     tokens, labels = (t.to(rank_device()) for t in next(data_iterator))
     position_ids = torch.arange(SEQ, device=tokens.device).expand(MBS, SEQ)
@@ -90,7 +91,7 @@ def _train_step(ddp, optimizer, step: int) -> None:
 
 
 def _adam_steps(optimizer) -> list:
-    from regate_megatron.optimizer_state import _inner_torch_optimizers
+    from regate_megatron.training.optimizer_state import _inner_torch_optimizers
 
     return [
         (id(state["step"]), float(state["step"]))
@@ -104,7 +105,7 @@ def resume_world(rank: int, ckpt_dir: str) -> dict:
     plain Megatron-Core load of the same state does."""
     from megatron.core import dist_checkpointing
 
-    from regate_megatron.optimizer_state import (
+    from regate_megatron.training.optimizer_state import (
         distributed_optimizer_sharded_state_dict,
         load_distributed_optimizer_state,
     )

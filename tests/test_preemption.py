@@ -1,4 +1,4 @@
-"""Early stops (regate_megatron.preemption): a signal, a time budget or an exit interval
+"""Early stops (regate_megatron.training.preemption): a signal, a time budget or an exit interval
 end the run after a whole step with a checkpoint, exit status 0 and a marker naming why.
 Multi-rank agreement and requeue on SLURM: tests/test_slurm.py."""
 
@@ -12,7 +12,7 @@ import time
 
 from fixtures_data import mixed_records, synthetic_corpus, write_records
 
-from regate_megatron.preemption import MARKER, EarlyStop, read_marker
+from regate_megatron.training.preemption import MARKER, EarlyStop, read_marker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,13 +54,13 @@ def test_duration_and_interval(tmp_path):
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     """regate-train --exit-signal-handler, SIGTERM mid-run: a checkpoint at the step it
     stopped after, exit 0, the marker; --load = --save started from scratch."""
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
 
     train_sentencepiece(synthetic_corpus(), str(tmp_path / "tok"), vocab_size=128)
     write_records(tmp_path / "train.json", mixed_records(str(tmp_path)) * 3)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-u", "-m", "regate_megatron.train", "--num-layers", "2",
+    cmd = [sys.executable, "-u", "-m", "regate_megatron.training.train", "--num-layers", "2",
            "--hidden-size", "16", "--num-attention-heads", "4", "--seq-length", "48",
            "--img-h", "8", "--img-w", "8", "--patch-dim", "4", "--micro-batch-size", "2",
            "--lr", "1e-3", "--train-iters", "100000", "--data-path", "train.json",

@@ -8,9 +8,14 @@ import pytest
 from fixtures_data import mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
 
 from regate_megatron import ref_store as ref_store_mod
-from regate_megatron.data import ConversationDataset
-from regate_megatron.ref_store import FORMAT_VERSION, RefLossStore, StoreBuilder, write_store
-from regate_megatron.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from regate_megatron.data.llava import ConversationDataset
+from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from regate_megatron.scoring.ref_store import (
+    FORMAT_VERSION,
+    RefLossStore,
+    StoreBuilder,
+    write_store,
+)
 
 
 def _meta(**kw):

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from regate_megatron.arguments import parse_args
-from regate_megatron.guard import json_safe
-from regate_megatron.metrics import check_metrics_file, read_metrics_rows
-from regate_megatron.resume import reconcile, run_state
-from regate_megatron.sampler import batch_positions, global_batch_positions
+from regate_megatron.data.sampler import batch_positions, global_batch_positions
+from regate_megatron.training.arguments import parse_args
+from regate_megatron.training.guard import json_safe
+from regate_megatron.training.metrics import check_metrics_file, read_metrics_rows
+from regate_megatron.training.resume import reconcile, run_state
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def _args(argv, *extra, world=1, monkeypatch=None):
 
 
 def _checkpoint(args, iteration):
-    from regate_megatron.arguments import model_args_dict
+    from regate_megatron.training.arguments import model_args_dict
 
     return {"iteration": iteration, "args": model_args_dict(args), "run_state": run_state(args),
             "consumed_samples": iteration * args.global_batch_size}
@@ -107,7 +107,7 @@ def test_metrics_rows_are_strict_and_a_torn_last_line_is_dropped(tmp_path, capsy
 
 
 def test_non_finite_image_and_non_utf8_data_are_named(tmp_path):
-    from regate_megatron.data import load_image, read_json_records
+    from regate_megatron.data.llava import load_image, read_json_records
 
     np.save(tmp_path / "x.npy", np.array([[0.5, np.inf], [0.1, 0.2]], dtype=np.float32))
     with pytest.raises(ValueError, match=r"x.npy.*1 non-finite pixel value"):

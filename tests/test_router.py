@@ -7,7 +7,7 @@ import torch
 from models import build_gpt, make_batch, tiny_config
 
 from regate_megatron.config import ReGateConfig
-from regate_megatron.selection import select_top_targets
+from regate_megatron.core.selection import select_top_targets
 
 
 def _stock_and_routed(config, **regate):
@@ -112,7 +112,7 @@ def test_span_outside_model_is_rejected(megatron_world):
 
 
 def test_routing_needs_routable_layers(megatron_world):
-    from regate_megatron.router import TokenRouter
+    from regate_megatron.core.router import TokenRouter
 
     stock = build_gpt(tiny_config(), routed=False)
     with pytest.raises(TypeError, match="get_regate_layer_spec"):

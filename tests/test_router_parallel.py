@@ -14,7 +14,7 @@ from models import (
     tiny_config,
 )
 
-from regate_megatron.selection import broadcast_selections, select_top_targets
+from regate_megatron.core.selection import broadcast_selections, select_top_targets
 
 KEEP = 0.4
 NUM_LAYERS = 4
@@ -98,7 +98,7 @@ def test_parallel_router_matches_stock_and_single_rank(megatron_world, tp, pp, s
 
 def _interleaved(rank, full_state):
     """PP2 x VPP2: every rank holds two chunks, each with its own router and span ends."""
-    from regate_megatron.cpu_compat import guard_pipeline_p2p
+    from regate_megatron.core.cpu_compat import guard_pipeline_p2p
 
     config = tiny_config(num_layers=NUM_LAYERS, virtual_pipeline_model_parallel_size=2)
     assert guard_pipeline_p2p(config, torch.distributed.get_backend())  # batch_p2p_comm off

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regate_megatron.config import ReGateConfig
-from regate_megatron.schedule import keep_ratio_at, mean_keep_ratio
+from regate_megatron.scoring.schedule import keep_ratio_at, mean_keep_ratio
 
 
 def _cfg(**fields):

@@ -13,10 +13,10 @@ from scoring_cases import MemoryRefStore
 from scoring_cases import make_cfg as _cfg
 from scoring_cases import tensor as _t
 
-from regate_megatron.ema_table import EmaTable
-from regate_megatron.scorer import ReGateScorer
-from regate_megatron.scores import difficulty_of, fuse_scores, normalize_scores
-from regate_megatron.selection import keep_count
+from regate_megatron.core.selection import keep_count
+from regate_megatron.scoring.ema_table import EmaTable
+from regate_megatron.scoring.scorer import ReGateScorer
+from regate_megatron.scoring.scores import difficulty_of, fuse_scores, normalize_scores
 
 NAN = float("nan")
 

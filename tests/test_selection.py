@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regate_megatron.selection import TokenSelection, keep_count, select_top_targets
+from regate_megatron.core.selection import TokenSelection, keep_count, select_top_targets
 
 T, F = True, False
 

@@ -9,8 +9,8 @@ from scoring_cases import make_cfg as _cfg
 from scoring_cases import tensor as _t
 
 from regate_megatron.config import ReGateConfig
-from regate_megatron.scorer import ReGateScorer, TargetCounts, open_reference
-from regate_megatron.scores import (
+from regate_megatron.scoring.scorer import ReGateScorer, TargetCounts, open_reference
+from regate_megatron.scoring.scores import (
     excess_scores,
     fuse_scores,
     fuse_segments,

@@ -122,7 +122,7 @@ def torchrun(ws, *flags, metrics):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-           "--master-port", str(port), "-m", "regate_megatron.train", *args,
+           "--master-port", str(port), "-m", "regate_megatron.training.train", *args,
            "--language-model-checkpoint", "teacher", "--metrics-jsonl", metrics, *flags]
     proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -145,7 +145,7 @@ def assert_same_steps(got, want):
 
 @pytest.fixture(scope="module")
 def ws(cluster, tmp_path_factory):
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
 
     root = tmp_path_factory.mktemp("slurm_ws")
     train_sentencepiece(synthetic_corpus(), str(root / "tok"), vocab_size=128)
@@ -154,7 +154,7 @@ def ws(cluster, tmp_path_factory):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     teacher = subprocess.run(
-        [sys.executable, "-m", "regate_megatron.train", "--text-only", "--num-layers", "2",
+        [sys.executable, "-m", "regate_megatron.training.train", "--text-only", "--num-layers", "2",
          "--hidden-size", "16", "--num-attention-heads", "4", "--seq-length", "48",
          "--img-h", "8", "--img-w", "8", "--patch-dim", "4", "--position-embedding-type", "rope",
          "--normalization", "RMSNorm", "--swiglu", "--hidden-dropout", "0",
@@ -181,7 +181,7 @@ def tp2_job(cluster, ws):
 def test_tp2_job_matches_torchrun(ws, tp2_job):
     log = tp2_job
     assert "layout: 2 nodes x 2 ranks = 4 ranks = TP 2 x PP 1 x DP 2" in log
-    assert "command: " in log and "-m regate_megatron.train" in log
+    assert "command: " in log and "-m regate_megatron.training.train" in log
     assert "no checkpoint in" in log  # --load = --save: the first run starts from scratch
     rows = metrics(ws / "tp2" / "metrics.jsonl")
     assert [m["step"] for m in rows] == list(range(1, ITERS + 1))
@@ -264,7 +264,7 @@ def _rank_pid(job_id, rank):
                 cmd = f.read()
         except OSError:
             continue
-        if want <= env and b"regate_megatron.train" in cmd:
+        if want <= env and b"regate_megatron.training.train" in cmd:
             return int(pid)
     return None
 

@@ -4,7 +4,7 @@ where Transformer Engine and a GPU are present; skips cleanly elsewhere."""
 import pytest
 import torch
 
-from regate_megatron.spec import have_transformer_engine
+from regate_megatron.core.spec import have_transformer_engine
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and have_transformer_engine()),
@@ -20,10 +20,10 @@ def test_te_backend_rho_one_is_stock_and_routed_logits_match_compacted(megatron_
     from models import MAX_SEQ, VOCAB, make_batch, tiny_config
 
     from regate_megatron.config import ReGateConfig
-    from regate_megatron.model import ReGateGPTModel
-    from regate_megatron.parallel import rank_device
-    from regate_megatron.selection import select_top_targets
-    from regate_megatron.spec import get_regate_decoder_block_spec
+    from regate_megatron.core.model import ReGateGPTModel
+    from regate_megatron.core.selection import select_top_targets
+    from regate_megatron.core.spec import get_regate_decoder_block_spec
+    from regate_megatron.training.parallel import rank_device
 
     device = rank_device()
     config = tiny_config(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
@@ -35,7 +35,7 @@ def test_te_backend_rho_one_is_stock_and_routed_logits_match_compacted(megatron_
         return cls(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
                    max_sequence_length=MAX_SEQ, position_embedding_type=embedding, **kw).to(device)
 
-    from regate_megatron.layer import ReGateTransformerLayer
+    from regate_megatron.core.layer import ReGateTransformerLayer
 
     stock = build(TransformerLayer, GPTModel)
     routed = build(ReGateTransformerLayer, ReGateGPTModel, regate_config=ReGateConfig(enabled=True))

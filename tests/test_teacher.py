@@ -5,8 +5,8 @@ import pytest
 import torch
 from fixtures_data import mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
 
-from regate_megatron.data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConversationDataset, collate
-from regate_megatron.teacher import reference_losses, teacher_inputs
+from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConversationDataset, collate
+from regate_megatron.scoring.teacher import reference_losses, teacher_inputs
 
 SEQ = 64
 K = 4  # image tokens per image
@@ -31,7 +31,7 @@ def _teacher(vocab_size, position_embedding_type="rope"):
     from megatron.core.transformer.transformer_layer import TransformerLayer
     from models import tiny_config
 
-    from regate_megatron.spec import get_regate_decoder_block_spec
+    from regate_megatron.core.spec import get_regate_decoder_block_spec
 
     config = tiny_config(init_method_std=0.3)  # sharp attention: positions visibly matter
     torch.manual_seed(7)

@@ -1,4 +1,4 @@
-"""The frozen teacher at TP/PP > 1 (`regate_megatron.teacher_model`) and
+"""The frozen teacher at TP/PP > 1 (`regate_megatron.scoring.teacher_model`) and
 `regate-precompute-ref --tensor-model-parallel-size / --pipeline-model-parallel-size`:
 the same reference losses as at TP1, from one teacher checkpoint saved at TP1.
 
@@ -15,7 +15,7 @@ from dist import run_world
 from fixtures_data import mixed_records, synthetic_corpus, write_records
 from test_cli import SEQ, _run, train
 
-PRECOMPUTE = ["regate_megatron.precompute", "--data-path", "train.json", "--tokenizer-model",
+PRECOMPUTE = ["regate_megatron.tools.precompute", "--data-path", "train.json", "--tokenizer-model",
               "tok.model", "--load", "teacher", "--seq-length", str(SEQ), "--img-h", "8",
               "--img-w", "8", "--patch-dim", "4", "--no-progress", "--micro-batch-size", "3",
               "--shard-size", "7"]
@@ -23,7 +23,7 @@ PRECOMPUTE = ["regate_megatron.precompute", "--data-path", "train.json", "--toke
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from regate_megatron.tokenizer import train_sentencepiece
+    from regate_megatron.data.tokenizer import train_sentencepiece
 
     root = tmp_path_factory.mktemp("teacher_parallel")
     train_sentencepiece(synthetic_corpus(), str(root / "tok"), vocab_size=128)
@@ -38,14 +38,14 @@ def _teacher_losses(rank, ws, layouts):
     """Every sample's reference losses at each (TP, PP, mode), from the reporting ranks."""
     from megatron.core import parallel_state as ps
 
-    from regate_megatron.data import ConversationDataset, collate
-    from regate_megatron.parallel import initialize_parallel, rank_device
-    from regate_megatron.teacher_model import (
+    from regate_megatron.data.llava import ConversationDataset, collate
+    from regate_megatron.data.tokenizer import SentencePieceTokenizer
+    from regate_megatron.scoring.teacher_model import (
         FrozenTeacher,
         micro_batch_groups,
         teacher_architecture,
     )
-    from regate_megatron.tokenizer import SentencePieceTokenizer
+    from regate_megatron.training.parallel import initialize_parallel, rank_device
 
     tok = SentencePieceTokenizer(f"{ws}/tok.model")
     arch = teacher_architecture(f"{ws}/teacher", tok)
@@ -105,7 +105,7 @@ def _fp16_close(a, b):
     ("tp2dp2", 4, ["--tensor-model-parallel-size", "2"]),  # two replicas, one writer each
 ])
 def test_precompute_at_tp2_and_pp2_equals_tp1(ws, name, nproc, layout):
-    from regate_megatron.ref_store import RefLossStore
+    from regate_megatron.scoring.ref_store import RefLossStore
 
     name = f"store_{name}"
     proc = _run([*PRECOMPUTE, "--output", name, *layout], ws, nproc=nproc)
@@ -120,7 +120,7 @@ def test_precompute_at_tp2_and_pp2_equals_tp1(ws, name, nproc, layout):
 
 
 def test_bad_teacher_parallel_sizes(ws):
-    from regate_megatron.teacher_model import check_teacher_parallel
+    from regate_megatron.scoring.teacher_model import check_teacher_parallel
 
     arch = argparse.Namespace(num_attention_heads=4, num_query_groups=4, num_layers=2,
                               vocab_size=128)

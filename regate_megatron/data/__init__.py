@@ -1,0 +1,1 @@
+"""Data: LLaVA-format conversations with images, the tokenizer, deterministic global batches."""
