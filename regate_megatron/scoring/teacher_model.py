@@ -24,6 +24,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from regate_megatron.core.roles import is_loss_rank
 from regate_megatron.data.llava import IGNORE_INDEX, Batch
 
 __all__ = ["teacher_architecture", "check_teacher_parallel", "FrozenTeacher", "pad_view",
@@ -154,7 +155,7 @@ class FrozenTeacher:
         self.last_stage = ps.is_pipeline_last_stage()
         # The rank that reports losses for its model-parallel group (every TP rank of the last
         # stage holds them; one is enough).
-        self.reports = self.last_stage and ps.get_tensor_model_parallel_rank() == 0
+        self.reports = is_loss_rank()
 
     @torch.no_grad()
     def losses(self, batches: List[Batch]) -> Optional[List[np.ndarray]]:

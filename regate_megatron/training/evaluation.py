@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from regate_megatron.core.roles import is_loss_rank, is_selection_source
 from regate_megatron.data.llava import IGNORE_INDEX, collate
 from regate_megatron.training.parallel import collective_device
 
@@ -115,17 +116,16 @@ def evaluate(run) -> dict:
     if args.eval_iters is not None:
         batches = batches[: args.eval_iters]
     stats = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, correct, samples
-    last_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    first_tp0 = ps.is_pipeline_first_stage() and ps.get_tensor_model_parallel_rank() == 0
+    loss_rank, source = is_loss_rank(), is_selection_source()
     for chunk_positions in batches:
         samples = [data[p] for p in chunk_positions]
         batch = collate(samples, seq_length=args.seq_length, pad_id=run.tokenizer.pad_id)
         out = _forward_only(run, batch, with_labels=True)
-        if last_tp0:
+        if loss_rank:
             for item in out:
                 stats[:2] += item["loss"].double().cpu()
         generated = _greedy_decode(run, samples)
-        if first_tp0:
+        if source:  # decoded tokens are whole on the first stage's TP rank 0
             for sample, ids in zip(samples, generated):
                 stats[2] += float(answers_match(run.tokenizer.decode(ids), sample.answer))
                 stats[3] += 1

@@ -15,8 +15,7 @@ import os
 import sys
 from typing import List
 
-import torch.distributed as dist
-
+from regate_megatron.core.roles import is_logging_rank
 from regate_megatron.training.guard import json_safe
 
 __all__ = ["MetricsLogger", "check_metrics_file", "read_metrics_rows"]
@@ -68,7 +67,7 @@ def check_metrics_file(path: str, resuming: bool) -> None:
 class MetricsLogger:
     def __init__(self, args, start: int = 0):
         self.args = args
-        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.rank0 = is_logging_rank()
         self.jsonl = None
         self.writer = None
         self.bar = None

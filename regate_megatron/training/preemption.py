@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from regate_megatron.core.roles import is_logging_rank
+
 __all__ = ["EarlyStop", "MARKER", "read_marker", "add_exit_args"]
 
 MARKER = "stopped_early"
@@ -79,7 +81,7 @@ class EarlyStop:
                 self.signals.append(name)
         # Clear a marker left by the run this one resumes (the batch script removes it too).
         save = getattr(args, "save", None)
-        if save and (not dist.is_initialized() or dist.get_rank() == 0):
+        if save and is_logging_rank():
             try:
                 os.remove(os.path.join(save, MARKER))
             except OSError:  # none there; a --save that is no directory is named in setup

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from regate_megatron.core.mllm import build_model, llava_inputs, num_image_tokens
+from regate_megatron.core.roles import is_logging_rank, is_loss_rank, is_selection_source
 from regate_megatron.core.selection import TokenSelection, broadcast_selections
 from regate_megatron.data.llava import ConversationDataset, collate
 from regate_megatron.data.sampler import batch_positions, local_microbatch_positions
@@ -62,7 +63,7 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
 
 
 def log0(*parts) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_logging_rank():
         print("[regate-train]", *parts, flush=True)
 
 
@@ -168,7 +169,7 @@ class Run:
         self.scorer = self._build_scorer() if args.regate.enabled else None
         if self.resuming:
             self._resume()
-        if self.channel is not None and dist.get_rank() == 0:
+        if self.channel is not None and is_logging_rank():
             # The teacher starts at the students' position: a resumed run's in-flight batch
             # is recomputed.
             self.channel.publish_start(self.iteration, self.consumed_samples)
@@ -247,13 +248,11 @@ class Run:
     def _build_scorer(self):
         from regate_megatron.scoring.scorer import ReGateScorer
 
-        last_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        first_of_mp = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
-        self.scorer_records_losses = last_tp0
+        self.scorer_records_losses = is_loss_rank()
         return ReGateScorer(
             self.args.regate, self.store, self.tokenizer.vocab_size, group=dist.group.WORLD,
             dp_rank=self.dp_rank, dp_size=self.dp_size,
-            lookup_source=first_of_mp, loss_source=last_tp0, seed=self.args.seed,
+            lookup_source=is_selection_source(), loss_source=is_loss_rank(), seed=self.args.seed,
         )
 
     def _resume(self) -> None:
@@ -360,10 +359,10 @@ class Run:
         """Per micro-batch selections, identical on every rank of the TP x PP group."""
         if self.scorer is None:
             return [None] * len(batches)
-        lookup = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+        lookup = is_selection_source()
         if self.channel is not None:  # the teacher ranks' losses of this global batch
             self.teacher_wait_s = self.store.fetch(step) if lookup else 0.0
-            if dist.get_rank() == 0:
+            if is_logging_rank():
                 self.channel.ack(step, self.teacher_replicas)  # the teacher goes on to step + 1
         self.scorer.begin_step(step, global_ids)  # collective: EMA lookup for the global batch
         selections = None
@@ -395,7 +394,7 @@ class Run:
         lr = self.optimizer.param_groups[0]["lr"]
         if args.check_for_nan_in_loss_and_grad:  # collective: all ranks stop at this step or none
             check_step_finite(step + 1, records, self.dp_rank * (len(global_ids) // self.dp_size),
-                              global_ids, self.model, lr, contributes=self._loss_rank())
+                              global_ids, self.model, lr, contributes=is_loss_rank())
         if self.scorer is not None:
             if self.scorer_records_losses:
                 for batch, loss, computed in records:
@@ -410,15 +409,10 @@ class Run:
         seconds = time.perf_counter() - start
         return self._step_metrics(batches, selections, records, grad_norm, seconds, lr)
 
-    @staticmethod
-    def _loss_rank() -> bool:
-        """Ranks whose losses count once: the last pipeline stage's tensor-parallel rank 0."""
-        return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-
     def _step_metrics(self, batches, selections, records, grad_norm, seconds, lr) -> dict:
         """Global-batch numbers (one all-reduce over the world; only loss ranks contribute)."""
         args = self.args
-        contributes = self._loss_rank()
+        contributes = is_loss_rank()
         stats = torch.zeros(7, dtype=torch.float64)
         span = args.regate.layer_span(args.num_layers)
         routed = span[1] - span[0]
@@ -487,7 +481,7 @@ def train(args: argparse.Namespace) -> Run:
             run.save()                                                     # checkpoint
         if stop.requested(run.iteration):                                  # stop (all ranks)
             break
-    if run.channel is not None and dist.get_rank() == 0:
+    if run.channel is not None and is_logging_rank():
         run.channel.finish()  # the teacher ranks stop
     if args.save and not (args.save_interval and run.iteration % args.save_interval == 0):
         run.save()
