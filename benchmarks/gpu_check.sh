@@ -55,7 +55,8 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 note() { echo "[gpu_check $(( SECONDS - START ))s] $*" | tee -a "$LOG"; }
 
 # The README's command names, run from this checkout (no install into the interpreter).
-for pair in regate-train:train regate-precompute-ref:precompute regate-inspect:inspect_refs; do
+for pair in regate-train:training.train regate-precompute-ref:tools.precompute \
+        regate-inspect:tools.inspect_refs; do
     printf '#!/usr/bin/env bash\nexec "%s" -m regate_megatron.%s "$@"\n' "$PY" "${pair#*:}" \
         > "$WORK/bin/${pair%%:*}"
     chmod +x "$WORK/bin/${pair%%:*}"
