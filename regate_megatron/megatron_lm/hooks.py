@@ -48,7 +48,7 @@ def _args():
 
 
 def _enabled() -> bool:
-    return bool(getattr(_args(), "regate_enabled", False))
+    return bool(getattr(_args(), "regate", False))
 
 
 def language_layer_spec(spec):
