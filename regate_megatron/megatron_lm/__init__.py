@@ -34,8 +34,10 @@ from regate_megatron.megatron_lm.batch import (
 from regate_megatron.megatron_lm.flags import check_args, extra_args_provider
 from regate_megatron.megatron_lm.hooks import (
     adopt_model,
+    adopting_provider,
     install,
     language_layer_spec,
+    routable_spec_factory,
     with_sample_ids,
 )
 from regate_megatron.megatron_lm.loss import regate_loss
@@ -48,6 +50,7 @@ __all__ = [
     "TextBatch", "expand_targets", "pretrain_vlm_view", "multimodal_train_view",
     "check_args", "extra_args_provider",
     "install", "language_layer_spec", "adopt_model", "with_sample_ids",
+    "routable_spec_factory", "adopting_provider",
     "regate_loss", "regate_layer_spec", "adopt_llava", "language_model_of",
     "SampleIdDataset", "target_counts", "ReGateState", "carry_regate_state",
     "ReGateForwardBackward",

@@ -19,7 +19,8 @@ from regate_megatron.megatron_lm.flags import check_args
 from regate_megatron.megatron_lm.model import adopt_llava, regate_layer_spec
 from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
 
-__all__ = ["install", "language_layer_spec", "adopt_model", "with_sample_ids", "current"]
+__all__ = ["install", "language_layer_spec", "adopt_model", "with_sample_ids", "current",
+           "routable_spec_factory", "adopting_provider"]
 
 
 class _Run:
@@ -159,3 +160,34 @@ def install(batch_view: BatchView = pretrain_vlm_view) -> None:
 
     get_forward_backward_func._regate = True
     training.get_forward_backward_func = get_forward_backward_func
+
+
+def routable_spec_factory(factory):
+    """A layer-spec factory whose plain `TransformerLayer` specs become routable with
+    ``--regate`` (for scripts that build their specs in another module, e.g.
+    ``examples/multimodal/model.py``). Other specs pass unchanged."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if getattr(factory, "_regate", False):
+        return factory
+
+    def make(*args, **kwargs):
+        spec = factory(*args, **kwargs)
+        if _enabled() and getattr(spec, "module", None) is TransformerLayer:
+            return regate_layer_spec(spec)
+        return spec
+
+    make._regate = True
+    return make
+
+
+def adopting_provider(model_provider):
+    """``model_provider`` followed by `adopt_model` on what it returns."""
+    if getattr(model_provider, "_regate", False):
+        return model_provider
+
+    def provider(*args, **kwargs):
+        return adopt_model(model_provider(*args, **kwargs))
+
+    provider._regate = True
+    return provider
