@@ -35,10 +35,9 @@ class ReGateState:
 
     def attach(self, scorer) -> None:
         """Use ``scorer`` from now on; a state loaded before it existed goes into it now."""
-        if replicated_of(scorer) != self.replicated:
-            kinds = {True: "replicated", False: "sharded over DP"}
-            raise ValueError(f"the scorer's EMA table is {kinds[replicated_of(scorer)]} but the "
-                             f"checkpoint format needs it {kinds[self.replicated]}")
+        if self.replicated and scorer.ema.dp_size != 1:
+            raise ValueError(f"--ckpt-format torch needs the EMA table replicated (dp_size=1), "
+                             f"got one sharded over dp_size={scorer.ema.dp_size}")
         self.scorer = scorer
         if self._pending is not None:
             scorer.load_state_dict(self._pending)
@@ -68,10 +67,6 @@ class ReGateState:
             self._pending = entries
         else:
             self.scorer.load_state_dict(entries)
-
-
-def replicated_of(scorer) -> bool:
-    return scorer.ema.dp_size == 1
 
 
 class _CarriesReGateState:
