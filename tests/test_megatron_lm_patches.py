@@ -19,14 +19,14 @@ needs_mlm = pytest.mark.skipif(
 
 CASES = {
     "pretrain_vlm.patch": (["pretrain_vlm.py"], "", "pretrain_vlm", """
-        assert m.add_vlm_extra_args._regate
+        assert m.add_vlm_extra_args._regate_flags
         args = m.add_vlm_extra_args(argparse.ArgumentParser()).parse_args(
             ["--regate", "--regate-selector", "random", "--freeze-ViT"])
         assert args.regate and args.freeze_ViT
         """),
     "examples_multimodal_train.patch": (
         ["examples/multimodal"], "examples/multimodal", "train", """
-        assert m.add_multimodal_extra_args._regate and m.model_provider._regate
+        assert m.add_multimodal_extra_args._regate_flags and m.model_provider._regate
         assert m.multimodal_model.get_layer_spec._regate
         """),
 }
