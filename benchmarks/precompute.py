@@ -33,15 +33,16 @@ MODEL = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "
 
 
 def main() -> None:
-    from regate_megatron.core.mllm import build_model
     from regate_megatron.data.llava import ConversationDataset, collate
     from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
     from regate_megatron.scoring.teacher import teacher_inputs
     from regate_megatron.tools.demo.digits import build_digits_vqa
     from regate_megatron.tools.precompute import build_parser, build_store
     from regate_megatron.training.arguments import build_parser as train_parser
-    from regate_megatron.training.arguments import fill_model_defaults, model_args_dict
+    from regate_megatron.training.arguments import fill_model_defaults
     from regate_megatron.training.checkpoint import save_checkpoint
+    from regate_megatron.training.model_config import model_args_dict
+    from regate_megatron.training.model_provider import build_model
     from regate_megatron.training.parallel import destroy_parallel, initialize_parallel, rank_device
 
     cli = argparse.ArgumentParser()

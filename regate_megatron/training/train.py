@@ -34,15 +34,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from regate_megatron.core.mllm import build_model, llava_inputs, num_image_tokens
+from regate_megatron.core.mllm import llava_inputs
 from regate_megatron.core.roles import is_logging_rank, is_loss_rank, is_selection_source
 from regate_megatron.core.selection import TokenSelection, broadcast_selections
+from regate_megatron.data.layout import num_image_tokens
 from regate_megatron.data.llava import ConversationDataset, collate
 from regate_megatron.data.sampler import batch_positions, local_microbatch_positions
 from regate_megatron.data.tokenizer import SentencePieceTokenizer
 from regate_megatron.scoring.teacher import teacher_inputs
-from regate_megatron.training.arguments import model_args_dict, optimizer_config, parse_args
+from regate_megatron.training.arguments import parse_args
 from regate_megatron.training.guard import check_grad_norm_finite, check_step_finite
+from regate_megatron.training.model_config import model_args_dict, optimizer_config
+from regate_megatron.training.model_provider import build_model
 from regate_megatron.training.parallel import (
     collective_device,
     initialize_parallel,
@@ -102,7 +105,7 @@ class Run:
             self._check_online_teacher()  # its tokenizer and architecture, before any data
         # Text-only runs (the teacher) keep the student's layout: the same image slots, which the
         # teacher view masks, so positions match what regate-precompute-ref scores later.
-        self.image_tokens = num_image_tokens(args)
+        self.image_tokens = num_image_tokens(args.img_h, args.img_w, args.patch_dim)
         data_kw = dict(seq_length=args.seq_length, num_image_tokens=self.image_tokens,
                        image_size=(args.img_h, args.img_w), image_root=args.image_root,
                        skip_bad_samples=args.skip_bad_samples, load_images=not args.text_only)
