@@ -17,14 +17,19 @@ import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["CHOICES", "ReGateConfig", "add_regate_args", "flag_for", "parse_layer_span"]
+__all__ = ["CHOICES", "TEACHER_VISUAL_MODES", "ReGateConfig", "add_regate_args", "flag_for",
+           "parse_layer_span"]
+
+TEACHER_VISUAL_MODES = ("pad", "drop")
+"""How the text-only teacher sees image slots (`--regate-teacher-visual`, the store's
+``teacher_visual``): replaced by its pad token, or removed."""
 
 CHOICES = {
     "selector": ("regate", "random", "excess"),
     "score_norm": ("rank", "zscore", "none"),
     "select_scope": ("sample", "batch"),
     "schedule": ("constant", "cyclic", "cosine"),
-    "teacher_visual": ("pad", "drop"),
+    "teacher_visual": TEACHER_VISUAL_MODES,
 }
 """The allowed values of the string-valued fields (argparse ``choices`` and validation)."""
 
