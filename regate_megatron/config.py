@@ -35,6 +35,7 @@ CHOICES = {
 
 _METAVARS = {"layers": "A:B", "ref_store": "PATH", "teacher_load": "PATH"}
 
+
 def parse_layer_span(text: str) -> Tuple[Optional[int], Optional[int]]:
     """Parse ``--regate-layers`` text ``a:b`` (either end may be empty) into ints."""
     parts = text.split(":")

@@ -38,13 +38,16 @@ MODEL_ARG_NAMES = (
     "vision_num_attention_heads", "vision_ffn_hidden_size",
 )
 
+
 def model_args_dict(args: argparse.Namespace) -> dict:
     """The architecture flags, saved in checkpoints (JSON-safe)."""
     return {name: getattr(args, name, None) for name in MODEL_ARG_NAMES}
 
+
 def _dtype(args) -> torch.dtype:
     """Parameter dtype: bf16 with --bf16, else fp32."""
     return torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+
 
 def language_config(args: argparse.Namespace):
     """TransformerConfig of the language model (student or teacher)."""
@@ -80,6 +83,7 @@ def language_config(args: argparse.Namespace):
         variable_seq_lengths=False,
     )
 
+
 def vision_config(args: argparse.Namespace):
     """TransformerConfig of the CLIP-style ViT encoder."""
     base = language_config(args)
@@ -100,6 +104,7 @@ def vision_config(args: argparse.Namespace):
     config.vision_model_type = "clip"  # read by LLaVAModel; not a TransformerConfig field
     return config
 
+
 def projection_config(args: argparse.Namespace):
     """TransformerConfig of the 2-layer MLP projector (vision hidden -> language hidden)."""
     base = language_config(args)
@@ -113,6 +118,7 @@ def projection_config(args: argparse.Namespace):
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
     )
+
 
 def optimizer_config(args: argparse.Namespace):
     """Megatron-Core OptimizerConfig (Adam) of --lr, --weight-decay, --adam-*, --clip-grad."""
@@ -131,6 +137,7 @@ def optimizer_config(args: argparse.Namespace):
         params_dtype=_dtype(args),
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
+
 
 def spec_backend(args: argparse.Namespace) -> str:
     """`get_regate_decoder_block_spec` backend name of --transformer-impl."""
