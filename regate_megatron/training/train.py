@@ -88,8 +88,9 @@ class Run:
 
     # ------------------------------------------------------------------ build
     def setup(self) -> "Run":
-        """Build the run. The order is fixed: each step needs the ones before it, and every
-        check that can fail on flags, data or a store runs before the first process group."""
+        """Build the run, in a fixed order: each step needs the ones before it, and the data,
+        the checkpoint's flags and the reference store are checked before Megatron's parallel
+        state is brought up."""
         args = self.args
         self._check_start()                    # --load: resume or first run; --save, metrics
         self._build_data()                     # tokenizer, datasets, padded vocabulary
