@@ -14,6 +14,8 @@
 #   pipeline           README pipeline, small: teacher, regate-precompute-ref, then
 #                      regate-train --bf16 --regate 30 steps with an evaluation, resumed for 10
 #                      more, compared with a straight 40-step run (steps 31-40 and the eval)
+#   megatron_lm        (optional) patched Megatron-LM pretrain_vlm.py --mock-data --regate, 20 steps,
+#                      EMA in the saved checkpoint, resumed (needs MEGATRON_LM_TRAINING_DIR)
 #   bench_<version>    benchmarks/router.py at 1B-class size, seq 4096, micro-batch 1, bf16,
 #                      once per Megatron-Core version (0.16.1, newest 0.19.x)
 #   profile            (optional) router.py --profile when a speedup is below 0.9 x ideal
@@ -55,7 +57,8 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 note() { echo "[gpu_check $(( SECONDS - START ))s] $*" | tee -a "$LOG"; }
 
 # The README's command names, run from this checkout (no install into the interpreter).
-for pair in regate-train:train regate-precompute-ref:precompute regate-inspect:inspect_refs; do
+for pair in regate-train:training.train regate-precompute-ref:tools.precompute \
+        regate-inspect:tools.inspect_refs; do
     printf '#!/usr/bin/env bash\nexec "%s" -m regate_megatron.%s "$@"\n' "$PY" "${pair#*:}" \
         > "$WORK/bin/${pair%%:*}"
     chmod +x "$WORK/bin/${pair%%:*}"
@@ -141,9 +144,12 @@ stage_pipeline() {
     local p="$WORK/pipeline"
     mkdir -p "$p" && cd "$p"
     "$PY" "$REPO/benchmarks/gpu_check.py" data "$p"
+    # digits-VQA's --seq-length/--img-h/--img-w/--patch-dim, defined once in Python
+    local layout
+    read -r -a layout < <("$PY" -c "from regate_megatron.tools.demo.digits import DIGITS_LAYOUT
+print(*DIGITS_LAYOUT)")
     local model=(--num-layers 2 --hidden-size 64 --num-attention-heads 4
-        --position-embedding-type rope --normalization RMSNorm --swiglu
-        --seq-length 80 --img-h 8 --img-w 8 --patch-dim 2
+        --position-embedding-type rope --normalization RMSNorm --swiglu "${layout[@]}"
         --vision-num-layers 1 --vision-hidden-size 32 --vision-num-attention-heads 2
         --hidden-dropout 0 --attention-dropout 0 --make-vocab-size-divisible-by 64)
     local common=(--data-path data/train.json --tokenizer-model tokenizer.model
@@ -153,7 +159,7 @@ stage_pipeline() {
     regate-train "${model[@]}" "${common[@]}" --text-only --train-iters 10 --save teacher
     echo "--- regate-precompute-ref"
     regate-precompute-ref --data-path data/train.json --tokenizer-model tokenizer.model \
-        --load teacher --output ref_store --seq-length 80 --img-h 8 --img-w 8 --patch-dim 2 \
+        --load teacher --output ref_store "${layout[@]}" \
         --micro-batch-size 64 --no-progress
     local student=("${model[@]}" "${common[@]}" --bf16 --regate --regate-ref-store ref_store
         --regate-keep-ratio 0.3 --regate-schedule cyclic --regate-cycle-steps 10
@@ -172,6 +178,58 @@ stage_pipeline() {
 }
 export -f stage_pipeline
 PYTHONPATH="$(mcore_path 0.16.1)" run_stage pipeline 1 150 110 stage_pipeline
+
+# ---------------------------------------------------------------- Megatron-LM's pretrain()
+# The patched pretrain_vlm.py of the pinned Megatron-LM tag (patches/README.md), carried as
+# MEGATRON_LM_TRAINING_DIR (benchmarks/carry_megatron_lm.sh, ~2 MB; default .megatron_lm/):
+# --mock-data with ReGATE for 20 steps on one GPU saving at 10 and 20, the EMA checked in the
+# saved checkpoint, then resumed from it for 5 more steps.
+MLM_DIR="${MEGATRON_LM_TRAINING_DIR:-$REPO/.megatron_lm}"
+stage_megatron_lm() {
+    set -eo pipefail
+    local m="$WORK/megatron_lm"
+    rm -rf "$m" && mkdir -p "$m/run"
+    cp -r "$WORK/mc-0.16.1/megatron" "$m/" && cp -r "$MLM_DIR"/megatron/* "$m/megatron/"
+    cp "$MLM_DIR"/*.py "$m/"
+    grep -q "regate.install" "$m/pretrain_vlm.py" || { echo "pretrain_vlm.py is not patched"; exit 1; }
+    cd "$m/run"
+    local tiny=()
+    [ "$DRY" = 1 ] && tiny=(--num-layers 2 --hidden-size 64)
+    local args=(--mock-data --tokenizer-type NullTokenizer --vocab-size 1024
+        --num-layers 4 --hidden-size 256 --num-attention-heads 4 "${tiny[@]}"
+        --encoder-num-layers 1 --img-h 32 --img-w 32 --patch-dim 16 --disable-vision-class-token
+        --seq-length 128 --max-position-embeddings 512 --micro-batch-size 2
+        --global-batch-size 4 --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant --bf16
+        --transformer-impl local --no-rope-fusion --no-gradient-accumulation-fusion
+        --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion
+        --ckpt-format torch --save ckpt --save-interval 10 --eval-iters 0 --log-interval 5
+        --regate --regate-selector random --regate-schedule constant --regate-keep-ratio 0.5)
+    local launch=(torchrun --nproc-per-node 1 --master-port 29533)
+    echo "--- patched pretrain_vlm.py --mock-data --regate: 20 steps"
+    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "$m/pretrain_vlm.py" \
+        "${args[@]}" --train-iters 20
+    echo "--- the EMA rides in the checkpoint"
+    "$PY" - <<'PYEOF'
+import glob, torch
+path = sorted(glob.glob("ckpt/iter_0000020/mp_rank_00*/model_optim_rng.pt"))[0]
+model = torch.load(path, map_location="cpu", weights_only=False)["model"]
+table = model["regate.ema_table"]
+seen = int((~torch.isnan(table)).sum())
+print(f"{path}: regate.ema_table {tuple(table.shape)}, {seen} entries observed")
+assert seen > 0 and "regate.vocab_ema" in model
+PYEOF
+    echo "--- resumed from iteration 20 for 5 more"
+    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "$m/pretrain_vlm.py" \
+        "${args[@]}" --train-iters 25 --load ckpt
+}
+export -f stage_megatron_lm
+export MLM_DIR
+if [ -f "$MLM_DIR/pretrain_vlm.py" ]; then
+    PYTHONPATH="$(mcore_path 0.16.1)" run_stage megatron_lm 0 90 150 stage_megatron_lm
+else
+    note "stage megatron_lm: SKIPPED (no Megatron-LM carried: set MEGATRON_LM_TRAINING_DIR, see benchmarks/carry_megatron_lm.sh)"
+    printf 'megatron_lm\tskip\t0\t0\tno MEGATRON_LM_TRAINING_DIR\n' >> "$STAGES"
+fi
 
 # ---------------------------------------------------------------- router benchmark
 if [ "$DRY" = 1 ]; then

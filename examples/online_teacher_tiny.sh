@@ -9,48 +9,9 @@
 # Paths come from the environment (DATA_PATH, TOKENIZER_MODEL, TEACHER_CHECKPOINT: a
 # regate-train --text-only checkpoint with the same tokenizer; see slurm/README.md).
 
-MODEL_ARGS=(
-    --num-layers 2
-    --hidden-size 16
-    --num-attention-heads 4
-    --seq-length 48
-    --max-position-embeddings 48
-    --position-embedding-type rope
-    --normalization RMSNorm
-    --swiglu
-    --disable-bias-linear
-    --hidden-dropout 0
-    --attention-dropout 0
-    --img-h 8
-    --img-w 8
-    --patch-dim 4
-    --make-vocab-size-divisible-by 64
-)
-
-TRAINING_ARGS=(
-    --micro-batch-size 2
-    --global-batch-size 4
-    --train-iters 8
-    --lr 3e-3
-    --lr-decay-style constant
-    --seed 7
-)
-
-MODEL_PARALLEL_ARGS=(
-    --tensor-model-parallel-size 2
-    --pipeline-model-parallel-size 1
-)
-
-DATA_ARGS=(
-    --data-path "$DATA_PATH"
-    --tokenizer-type SentencePieceTokenizer
-    --tokenizer-model "$TOKENIZER_MODEL"
-)
-
-EVAL_AND_LOGGING_ARGS=(
-    --log-interval 1
-    --no-progress
-)
+# The model, training, parallel, data and logging groups are tiny.sh's; only REGATE_ARGS differ.
+# shellcheck source=examples/tiny.sh
+source "$(dirname "${BASH_SOURCE[0]}")/tiny.sh"
 
 REGATE_ARGS=(
     --regate

@@ -51,7 +51,7 @@ EVAL_AND_LOGGING_ARGS=(
 
 REGATE_ARGS=(
     --regate
-    --regate-ref-store "$REF_STORE"
+    --regate-ref-store "${REF_STORE:-ref_store}"
     --regate-keep-ratio 0.4
     --regate-lambda 0.5
     --regate-schedule cyclic

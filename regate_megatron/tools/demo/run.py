@@ -105,7 +105,7 @@ def student_command(name: str, args, extra: List[str], *, data_path: str = "data
     checkpoint ``<name>_ckpt``."""
     return [
         sys.executable, "-m", "regate_megatron.training.train",
-            *(MODEL if model is None else model),
+        *(MODEL if model is None else model),
         "--data-path", data_path, "--valid-data-path", valid_data_path,
         "--tokenizer-model", tokenizer,
         *(["--language-model-checkpoint", init] if init else []),

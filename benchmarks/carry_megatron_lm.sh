@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Make the Megatron-LM folder the GPU check carries (~2 MB): from a checkout of the pinned
+# tag (patches/README.md), the files patched pretrain_vlm.py needs beside the Megatron-Core
+# wheel — megatron/{training,legacy,rl,post_training}, pretrain_vlm.py (patched),
+# pretrain_gpt.py, gpt_builders.py, model_provider.py.
+#
+#   benchmarks/carry_megatron_lm.sh MEGATRON_LM_CHECKOUT [DEST=.megatron_lm]
+# then run the GPU check with MEGATRON_LM_TRAINING_DIR=DEST (carry DEST with the run).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SRC="${1:?usage: carry_megatron_lm.sh MEGATRON_LM_CHECKOUT [DEST]}"
+DEST="${2:-$REPO/.megatron_lm}"
+rm -rf "$DEST" && mkdir -p "$DEST/megatron"
+for d in training legacy rl post_training; do
+    [ -d "$SRC/megatron/$d" ] && cp -r "$SRC/megatron/$d" "$DEST/megatron/"
+done
+cp "$SRC"/{pretrain_vlm.py,pretrain_gpt.py,gpt_builders.py,model_provider.py} "$DEST/"
+(cd "$DEST" && git apply --check "$REPO/patches/pretrain_vlm.patch" \
+    && git apply "$REPO/patches/pretrain_vlm.patch")
+find "$DEST" -name __pycache__ -prune -exec rm -rf {} +
+du -sh "$DEST"

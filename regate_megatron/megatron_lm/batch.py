@@ -1,0 +1,128 @@
+"""What the step needs from a Megatron-LM batch: sample ids and the targets in the combined
+(image-expanded) sequence.
+
+Megatron-LM's multimodal batches carry *one* placeholder token (``IMAGE_TOKEN_INDEX``) per
+image; `LLaVAModel` expands each into ``num_tiles * img_seq_len`` embeddings. Selections are
+in those combined coordinates, so the selection source rebuilds, per micro-batch, the labels
+and loss mask LLaVA will build (`expand_targets`: LLaVA's rule, the inverse of
+`regate_megatron.core.mllm.llava_inputs`).
+
+A *batch view* turns one script's batch dict into a `TextBatch`; `pretrain_vlm_view` and
+`multimodal_train_view` are the two scripts' views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+__all__ = [
+    "TextBatch",
+    "BatchView",
+    "expand_targets",
+    "pretrain_vlm_view",
+    "multimodal_train_view",
+]
+
+
+@dataclass
+class TextBatch:
+    """One micro-batch as the script feeds LLaVA (one placeholder per image).
+
+    sample_ids:      [b] int64, stable ids (`regate_megatron.megatron_lm.sample_ids`).
+    input_ids:       [b, t] int64, ``IMAGE_TOKEN_INDEX`` at each image's placeholder.
+    labels:          [b, t] int64, LLaVA's convention (label at t is the target of t).
+    loss_mask:       [b, t] float.
+    num_image_tiles: [num_images] int, tiles per image in order (None: one tile each).
+    """
+
+    sample_ids: torch.Tensor
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    num_image_tiles: Optional[torch.Tensor] = None
+
+
+BatchView = Callable[[dict], TextBatch]
+
+
+def _sample_ids(batch: dict) -> torch.Tensor:
+    if "sample_ids" not in batch:
+        raise KeyError(
+            "the batch has no 'sample_ids': wrap the training dataset with "
+            "regate_megatron.megatron_lm.with_sample_ids (or give each item a stable integer "
+            "'sample_ids' entry) so ReGATE can find each sample's EMA"
+        )
+    return torch.as_tensor(batch["sample_ids"]).long().reshape(-1)
+
+
+def pretrain_vlm_view(batch: dict) -> TextBatch:
+    """Megatron-LM's ``pretrain_vlm.py`` (MultimodalDataset items: ``tokens``, ``labels``,
+    ``loss_mask``, ``image``; one tile per image)."""
+    return TextBatch(_sample_ids(batch), batch["tokens"].long(), batch["labels"].long(),
+                     batch["loss_mask"].float())
+
+
+def multimodal_train_view(batch: dict, pad_token: Optional[int] = None) -> TextBatch:
+    """Megatron-LM's ``examples/multimodal/train.py``: ``labels`` are one longer than
+    ``tokens`` (the script drops the first), the loss mask is where a label is trained
+    (``!= IGNORE_INDEX`` and, given ``pad_token``, not padding), ``num_tiles`` per image."""
+    tokens = batch["tokens"].long()
+    text_length = tokens.shape[1]
+    labels = batch["labels"].long()[:, 1:text_length + 1]
+    loss_mask = (labels != IGNORE_INDEX).float()
+    if pad_token is not None:
+        loss_mask = loss_mask * (labels != pad_token).float()
+    tiles = batch.get("num_tiles")
+    return TextBatch(_sample_ids(batch), tokens, labels, loss_mask,
+                     None if tiles is None else torch.as_tensor(tiles).reshape(-1))
+
+
+def expand_targets(
+    text: TextBatch,
+    img_seq_len: int,
+    max_length: int,
+    pad_to_max_length: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labels and loss mask [b, L] of the combined sequence, exactly as `LLaVAModel` builds
+    them from ``text``: every image placeholder becomes ``tiles * img_seq_len`` slots (loss
+    0), a text token keeps its loss mask, a label moves to the slot just before the next
+    text token (the sample's last label to its last slot), the position just before an
+    image is not trained, and L = the longest combined sample (``max_length`` when
+    ``pad_to_max_length``, as LLaVA pads under pipeline parallelism), cut to ``max_length``.
+    """
+    input_ids, labels, loss_mask = text.input_ids, text.labels, text.loss_mask  # [b, t]
+    b, t = input_ids.shape
+    is_image = input_ids == IMAGE_TOKEN_INDEX  # [b, t]
+    num_images = int(is_image.sum())
+    tiles = (torch.ones(num_images, dtype=torch.long) if text.num_image_tiles is None
+             else torch.as_tensor(text.num_image_tiles).long().cpu())
+    if tiles.numel() != num_images:
+        raise ValueError(f"num_image_tiles has {tiles.numel()} entries for {num_images} image "
+                         f"placeholders in the batch")
+    # Slots each text position occupies: 1, or tiles * img_seq_len for a placeholder.
+    width = torch.ones(b, t, dtype=torch.long)
+    width[is_image.cpu()] = tiles * img_seq_len
+    last_slot = width.cumsum(1) - 1  # [b, t] combined position of each token's last slot
+    seq_lens = last_slot[:, -1] + 1  # [b]
+    length = int(seq_lens.max())
+    if pad_to_max_length:
+        length = max(length, max_length)
+    out_labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    out_mask = torch.zeros(b, length, dtype=torch.float32)
+    labels, loss_mask, is_image = labels.cpu(), loss_mask.cpu().float(), is_image.cpu()
+    for i in range(b):
+        text_pos = (~is_image[i]).nonzero().flatten()  # [n] text indices
+        slot = last_slot[i, text_pos]  # [n] their combined positions
+        out_mask[i, slot] = loss_mask[i, text_pos]
+        shifted = text_pos >= 1
+        out_labels[i, slot[shifted] - 1] = labels[i, text_pos[shifted] - 1]
+        out_labels[i, int(seq_lens[i]) - 1] = labels[i, -1]
+        before_image = is_image[i].nonzero().flatten() - 1
+        before_image = before_image[before_image >= 0]
+        out_mask[i, last_slot[i, before_image]] = 0.0
+    return out_labels[:, :max_length], out_mask[:, :max_length]

@@ -1,0 +1,193 @@
+"""The calls a patched Megatron-LM script makes (read ``megatron.training.get_args()``).
+
+One place installs ReGATE into Megatron-LM's ``train()``: `install` rebinds
+``megatron.training.training.get_forward_backward_func`` (which ``train()`` and
+``evaluate()`` call) to return `ReGateForwardBackward` around the real schedule. It is
+idempotent (a marker attribute), wraps the original, and does nothing until
+``--regate`` is parsed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from regate_megatron.megatron_lm import sample_ids as _ids
+from regate_megatron.megatron_lm.batch import BatchView, pretrain_vlm_view
+from regate_megatron.megatron_lm.flags import check_args
+from regate_megatron.megatron_lm.model import adopt_llava, regate_layer_spec
+from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
+
+__all__ = ["install", "language_layer_spec", "adopt_model", "with_sample_ids", "current",
+           "routable_spec_factory", "adopting_provider"]
+
+
+class _Run:
+    """What one Megatron-LM process shares between the hooks."""
+
+    def __init__(self, view: BatchView):
+        self.view = view
+        self.state: Optional[ReGateState] = None
+        self.train_dataset = None
+
+
+_RUN: Optional[_Run] = None
+
+
+def current() -> _Run:
+    if _RUN is None:
+        raise RuntimeError("regate_megatron.megatron_lm.install() was not called before "
+                           "pretrain(); see patches/README.md")
+    return _RUN
+
+
+def _args():
+    from megatron.training import get_args
+
+    return get_args()
+
+
+def _enabled() -> bool:
+    return bool(getattr(_args(), "regate", False))
+
+
+def language_layer_spec(spec):
+    """The script's language layer spec, routable with ``--regate`` (unchanged without)."""
+    return regate_layer_spec(spec) if _enabled() else spec
+
+
+def adopt_model(model):
+    """The provider's model, routable and carrying the EMA state (unchanged without
+    ``--regate``). Checks the flags first; builds the scorer now when a store is given."""
+    args = _args()
+    config = check_args(args)
+    if not config.enabled:
+        return model
+    run = current()
+    if run.state is None:
+        run.state = ReGateState(replicated=args.ckpt_format != "torch_dist")
+        if config.ref_store is not None:  # the layout is known: torch_dist can load into it
+            run.state.attach(_build_scorer(args, run))
+    adopt_llava(model, config)
+    return carry_regate_state(model, run.state)
+
+
+def with_sample_ids(dataset):
+    """The training dataset with stable ``sample_ids`` (`SampleIdDataset`), remembered for
+    the target counts of ``--regate-selector random``."""
+    wrapped = _ids.with_sample_ids(dataset)
+    if _RUN is not None and wrapped is not None and _RUN.train_dataset is None:
+        _RUN.train_dataset = wrapped
+    return wrapped
+
+
+def _image_geometry(args):
+    """(slots per image tile, combined max length, padded under PP?) of the LLaVA run."""
+    from megatron.core.models.vision.clip_vit_model import get_num_image_embeddings
+
+    img_seq_len = get_num_image_embeddings(
+        args.img_h, args.img_w, args.patch_dim, getattr(args, "vision_model_type", "clip"),
+        getattr(args, "disable_vision_class_token", False), 1)
+    max_length = args.decoder_seq_length or args.seq_length
+    return img_seq_len, max_length, args.pipeline_model_parallel_size > 1
+
+
+def _target_layout(args, run: _Run):
+    """The reference store, or `TargetCounts` read off the dataset on rank 0 and broadcast."""
+    import torch.distributed as dist
+
+    from regate_megatron.scoring.ref_store import RefLossStore
+    from regate_megatron.scoring.scorer import TargetCounts
+
+    if args.regate_ref_store is not None:
+        return RefLossStore.open(args.regate_ref_store)
+    counts = [None]
+    if dist.get_rank() == 0:
+        if run.train_dataset is None:
+            raise RuntimeError("--regate-selector random without --regate-ref-store reads the "
+                               "target counts off the training dataset: wrap it with "
+                               "regate_megatron.megatron_lm.with_sample_ids")
+        img_seq_len, max_length, _ = _image_geometry(args)
+        counts = [_ids.target_counts(run.train_dataset, run.view, img_seq_len, max_length)]
+    dist.broadcast_object_list(counts, src=0)  # sync point: every rank sizes the same table
+    return TargetCounts(np.asarray(counts[0]))
+
+
+def _build_scorer(args, run: _Run):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from regate_megatron.core.roles import is_loss_rank, is_selection_source
+    from regate_megatron.scoring.scorer import ReGateScorer
+
+    replicated = run.state.replicated
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    return ReGateScorer(
+        check_args(args), _target_layout(args, run), args.padded_vocab_size,
+        group=dist.group.WORLD, dp_rank=0 if replicated else dp_rank,
+        dp_size=1 if replicated else dp_size,
+        lookup_source=is_selection_source() and (dp_rank == 0 or not replicated),
+        loss_source=is_loss_rank(), seed=args.seed)
+
+
+def install(batch_view: BatchView = pretrain_vlm_view) -> None:
+    """Route Megatron-LM's ``train()`` through ReGATE (call before ``pretrain``)."""
+    global _RUN
+    import megatron.training.training as training
+
+    from regate_megatron.megatron_lm.step import ReGateForwardBackward
+
+    if _RUN is None:
+        _RUN = _Run(batch_view)
+    original = training.get_forward_backward_func
+    if getattr(original, "_regate", False):
+        return
+
+    def get_forward_backward_func(*args, **kwargs):
+        inner = original(*args, **kwargs)
+        if not _enabled():
+            return inner
+        run, margs = current(), _args()
+        if run.state is None:
+            raise RuntimeError("--regate is set but the model provider did not call "
+                               "regate_megatron.megatron_lm.adopt_model(model)")
+        img_seq_len, max_length, padded = _image_geometry(margs)
+        return ReGateForwardBackward(
+            inner, run.state, run.view, img_seq_len=img_seq_len, max_length=max_length,
+            pad_to_max_length=padded, step_of=lambda: _args().curr_iteration,
+            build_scorer=lambda: _build_scorer(_args(), run))
+
+    get_forward_backward_func._regate = True
+    training.get_forward_backward_func = get_forward_backward_func
+
+
+def routable_spec_factory(factory):
+    """A layer-spec factory whose plain `TransformerLayer` specs become routable with
+    ``--regate`` (for scripts that build their specs in another module, e.g.
+    ``examples/multimodal/model.py``). Other specs pass unchanged."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if getattr(factory, "_regate", False):
+        return factory
+
+    def make(*args, **kwargs):
+        spec = factory(*args, **kwargs)
+        if _enabled() and getattr(spec, "module", None) is TransformerLayer:
+            return regate_layer_spec(spec)
+        return spec
+
+    make._regate = True
+    return make
+
+
+def adopting_provider(model_provider):
+    """``model_provider`` followed by `adopt_model` on what it returns."""
+    if getattr(model_provider, "_regate", False):
+        return model_provider
+
+    def provider(*args, **kwargs):
+        return adopt_model(model_provider(*args, **kwargs))
+
+    provider._regate = True
+    return provider

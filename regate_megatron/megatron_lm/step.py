@@ -1,0 +1,155 @@
+"""Once per optimizer step, around the ``forward_backward_func`` Megatron-LM's ``train_step``
+calls: what must happen outside the 1F1B schedule.
+
+    prefetch  this step's micro-batches from the data iterator (ranks that hold one)
+    ids       the global batch's sample ids, in DP-rank order (one all-reduce)
+    score     rho_t and the EMA lookup (``begin_step``, collective); selections on the
+              model-parallel source rank (`is_selection_source`) from the targets in the
+              combined sequence (`expand_targets`)
+    share     `broadcast_selections` to every TP x PP rank of the group
+    schedule  the inner schedule over the prefetched batches; each micro-batch's forward runs
+              with its selection (`ReGateGPTModel.selecting`) and its loss is `regate_loss`
+    ema       the loss rank records the computed targets' losses; ``end_step`` (collective)
+
+Evaluation (``forward_only=True``) and runs without ``--regate`` go straight to the inner
+schedule. The same scorer, selection broadcast, loss masking and EMA record/update as
+``regate-train``'s step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from regate_megatron.core.roles import is_loss_rank, is_selection_source
+from regate_megatron.core.selection import broadcast_selections
+from regate_megatron.megatron_lm.batch import BatchView, expand_targets
+from regate_megatron.megatron_lm.loss import regate_loss
+from regate_megatron.megatron_lm.model import language_model_of
+from regate_megatron.megatron_lm.state import ReGateState
+
+__all__ = ["ReGateForwardBackward"]
+
+
+class ReGateForwardBackward:
+    """A ``forward_backward_func`` that runs ``inner`` with ReGATE token selection.
+
+    Args:
+        inner: Megatron-Core's schedule (``get_forward_backward_func()``).
+        state: the run's `ReGateState`; ``state.scorer`` is built by ``build_scorer`` at
+            the first training call when it does not exist yet (collective).
+        view: the script's batch -> `TextBatch` (`pretrain_vlm_view`, ...).
+        img_seq_len: combined-sequence slots per image tile.
+        max_length: the language model's maximum (combined) sequence length.
+        pad_to_max_length: LLaVA pads the combined sequence to ``max_length`` (pipeline
+            parallel language model).
+        step_of: the optimizer step about to run (Megatron-LM: ``args.curr_iteration``);
+            default: a counter of training calls.
+    """
+
+    def __init__(self, inner: Callable, state: ReGateState, view: BatchView, *,
+                 img_seq_len: int, max_length: int, pad_to_max_length: bool = False,
+                 step_of: Optional[Callable[[], int]] = None,
+                 build_scorer: Optional[Callable[[], object]] = None):
+        self.inner, self.state, self.view = inner, state, view
+        self.img_seq_len, self.max_length = img_seq_len, max_length
+        self.pad_to_max_length = pad_to_max_length
+        self.step_of, self.build_scorer = step_of, build_scorer
+        self.calls = 0
+        self.last_selections: list = []  # this rank's selections of the last step (metrics)
+
+    def __call__(self, *, forward_step_func, data_iterator, model, num_microbatches,
+                 forward_only=False, **kwargs):
+        if forward_only:
+            return self.inner(forward_step_func=forward_step_func, data_iterator=data_iterator,
+                              model=model, num_microbatches=num_microbatches,
+                              forward_only=True, **kwargs)
+        if isinstance(data_iterator, list) or (isinstance(model, list) and len(model) > 1):
+            raise ValueError("ReGATE does not wrap the interleaved pipeline schedule; drop "
+                             "--num-layers-per-virtual-pipeline-stage")
+        scorer = self._scorer()
+        step = self.step_of() if self.step_of is not None else self.calls
+        self.calls += 1
+        # prefetch: every rank that holds an iterator reads its micro-batches of this step
+        batches = (None if data_iterator is None
+                   else [next(data_iterator) for _ in range(num_microbatches)])
+        texts = targets = None
+        if batches is not None:
+            texts = [self.view(batch) for batch in batches]
+            targets = [expand_targets(text, self.img_seq_len, self.max_length,
+                                      self.pad_to_max_length) for text in texts]
+        source, loss_rank = is_selection_source(), is_loss_rank()
+        for role, holds in (("selection source (TP rank 0, first stage)", source),
+                            ("loss rank (TP rank 0, last stage)", loss_rank)):
+            if holds and batches is None:
+                raise RuntimeError(f"the {role} has no data iterator: ReGATE needs its batches")
+        global_ids = self._global_ids(texts, num_microbatches * kwargs["micro_batch_size"])
+        share = global_ids.numel() // ps.get_data_parallel_world_size()
+        dp_rank = ps.get_data_parallel_rank()
+        scorer.begin_step(step, global_ids, slice(dp_rank * share, (dp_rank + 1) * share))
+        mine = None
+        if source:
+            mine = [scorer.select(text.sample_ids, labels, mask)
+                    for text, (labels, mask) in zip(texts, targets, strict=True)]
+        # Sync point: the model-parallel group receives its source rank's selections.
+        selections = broadcast_selections(mine, ps.get_model_parallel_group(),
+                                          device=_device_of(model))
+        self.last_selections = selections
+        records: List = []
+        result = self.inner(
+            forward_step_func=partial(_routed_forward_step, forward_step_func,
+                                      iter(selections), records if loss_rank else None),
+            data_iterator=None if batches is None else iter(batches),
+            model=model, num_microbatches=num_microbatches, forward_only=False, **kwargs)
+        if loss_rank:
+            for text, (labels, mask), (loss, computed) in zip(texts, targets, records,
+                                                              strict=True):
+                scorer.record(text.sample_ids, labels, mask, loss, computed)
+        scorer.end_step()  # collective: the EMA update from the computed targets
+        return result
+
+    def _scorer(self):
+        if self.state.scorer is None:
+            if self.build_scorer is None:
+                raise RuntimeError("ReGateForwardBackward: no scorer and no build_scorer")
+            self.state.attach(self.build_scorer())
+        return self.state.scorer
+
+    @staticmethod
+    def _global_ids(texts, local_count: int) -> torch.Tensor:
+        """Every DP rank's sample ids of this step, in DP-rank order (each DP rank's
+        selection source contributes its row)."""
+        from regate_megatron.training.parallel import collective_device
+
+        dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        rows = torch.zeros(dp_size, local_count, dtype=torch.long)
+        if is_selection_source():
+            ids = torch.cat([text.sample_ids.cpu() for text in texts])
+            if ids.numel() != local_count:
+                raise ValueError(f"the step's micro-batches hold {ids.numel()} samples, "
+                                 f"expected {local_count} (num_microbatches x micro_batch_size)")
+            rows[dp_rank] = ids
+        rows = rows.to(collective_device())
+        dist.all_reduce(rows)  # sync point
+        return rows.cpu().reshape(-1)
+
+
+def _device_of(model) -> torch.device:
+    chunk = model[0] if isinstance(model, list) else model
+    return next(chunk.parameters()).device
+
+
+def _routed_forward_step(forward_step_func, selections, records, data_iterator, model, *rest):
+    """The script's forward step under this micro-batch's selection, with the ReGATE loss."""
+    selection = next(selections)
+    lm = language_model_of(model)
+    if lm is None:
+        output, _ = forward_step_func(data_iterator, model, *rest)
+    else:
+        with lm.selecting(selection):
+            output, _ = forward_step_func(data_iterator, model, *rest)
+    return output, partial(regate_loss, selection, records)
