@@ -144,9 +144,12 @@ stage_pipeline() {
     local p="$WORK/pipeline"
     mkdir -p "$p" && cd "$p"
     "$PY" "$REPO/benchmarks/gpu_check.py" data "$p"
+    # digits-VQA's --seq-length/--img-h/--img-w/--patch-dim, defined once in Python
+    local layout
+    read -r -a layout < <("$PY" -c "from regate_megatron.tools.demo.digits import DIGITS_LAYOUT
+print(*DIGITS_LAYOUT)")
     local model=(--num-layers 2 --hidden-size 64 --num-attention-heads 4
-        --position-embedding-type rope --normalization RMSNorm --swiglu
-        --seq-length 80 --img-h 8 --img-w 8 --patch-dim 2
+        --position-embedding-type rope --normalization RMSNorm --swiglu "${layout[@]}"
         --vision-num-layers 1 --vision-hidden-size 32 --vision-num-attention-heads 2
         --hidden-dropout 0 --attention-dropout 0 --make-vocab-size-divisible-by 64)
     local common=(--data-path data/train.json --tokenizer-model tokenizer.model
@@ -156,7 +159,7 @@ stage_pipeline() {
     regate-train "${model[@]}" "${common[@]}" --text-only --train-iters 10 --save teacher
     echo "--- regate-precompute-ref"
     regate-precompute-ref --data-path data/train.json --tokenizer-model tokenizer.model \
-        --load teacher --output ref_store --seq-length 80 --img-h 8 --img-w 8 --patch-dim 2 \
+        --load teacher --output ref_store "${layout[@]}" \
         --micro-batch-size 64 --no-progress
     local student=("${model[@]}" "${common[@]}" --bf16 --regate --regate-ref-store ref_store
         --regate-keep-ratio 0.3 --regate-schedule cyclic --regate-cycle-steps 10

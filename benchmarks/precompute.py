@@ -25,23 +25,26 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-IMAGE = ["--seq-length", "80", "--img-h", "8", "--img-w", "8", "--patch-dim", "2"]
+from regate_megatron.tools.demo.digits import DIGITS_LAYOUT  # noqa: E402
+
 MODEL = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
          "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--hidden-dropout", "0", "--attention-dropout", "0", "--transformer-impl", "local",
-         "--text-only", *IMAGE]
+         "--text-only", *DIGITS_LAYOUT]
 
 
 def main() -> None:
-    from regate_megatron.core.mllm import build_model
+    from regate_megatron.data.layout import num_image_tokens
     from regate_megatron.data.llava import ConversationDataset, collate
     from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
     from regate_megatron.scoring.teacher import teacher_inputs
     from regate_megatron.tools.demo.digits import build_digits_vqa
     from regate_megatron.tools.precompute import build_parser, build_store
     from regate_megatron.training.arguments import build_parser as train_parser
-    from regate_megatron.training.arguments import fill_model_defaults, model_args_dict
+    from regate_megatron.training.arguments import fill_model_defaults
     from regate_megatron.training.checkpoint import save_checkpoint
+    from regate_megatron.training.model_config import model_args_dict
+    from regate_megatron.training.model_provider import build_model
     from regate_megatron.training.parallel import destroy_parallel, initialize_parallel, rank_device
 
     cli = argparse.ArgumentParser()
@@ -65,10 +68,12 @@ def main() -> None:
                     common={"args": model_args_dict(args), "tokenizer_sha256": tokenizer.sha256})
     teacher.eval()
 
-    dataset = ConversationDataset(data["train"], tokenizer, seq_length=80, num_image_tokens=16,
-                                  image_size=(8, 8))
+    dataset = ConversationDataset(
+        data["train"], tokenizer, seq_length=args.seq_length,
+        num_image_tokens=num_image_tokens(args.img_h, args.img_w, args.patch_dim),
+        image_size=(args.img_h, args.img_w))
     batches = [collate([dataset[j] for j in range(i, min(i + opts.micro_batch_size, len(dataset)))],
-                       seq_length=80, pad_id=tokenizer.pad_id)
+                       seq_length=args.seq_length, pad_id=tokenizer.pad_id)
                for i in range(0, len(dataset), opts.micro_batch_size)]
     tokens = sum(int((b.tokens != tokenizer.pad_id).sum()) for b in batches)
 
@@ -86,7 +91,7 @@ def main() -> None:
     def precompute(k: int) -> float:
         argv = ["--data-path", data["train"], "--tokenizer-model", tok_path, "--load",
                 os.path.join(work, "teacher"), "--output", os.path.join(work, f"store{k}"),
-                *IMAGE, "--micro-batch-size", str(opts.micro_batch_size), "--no-progress"]
+                *DIGITS_LAYOUT, "--micro-batch-size", str(opts.micro_batch_size), "--no-progress"]
         stats = build_store(build_parser().parse_args(argv))
         return stats["tokens"] / stats["seconds"]
 

@@ -24,12 +24,13 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-LAYOUT = ["--seq-length", "80", "--img-h", "8", "--img-w", "8", "--patch-dim", "2"]
+from regate_megatron.tools.demo.digits import DIGITS_LAYOUT  # noqa: E402
+
 MODEL = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
          "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--hidden-dropout", "0", "--attention-dropout", "0", "--transformer-impl", "local",
          "--make-vocab-size-divisible-by", "64", "--lr", "1e-3", "--lr-decay-style", "constant",
-         "--micro-batch-size", "8", "--no-progress", "--seed", "1", *LAYOUT]
+         "--micro-batch-size", "8", "--no-progress", "--seed", "1", *DIGITS_LAYOUT]
 REGATE = ["--regate", "--regate-keep-ratio", "0.5", "--regate-cycle-steps", "4"]
 
 
@@ -73,7 +74,7 @@ def main() -> None:
                                    "--save", "teacher"], work)
     _run("regate_megatron.tools.precompute", ["--data-path", data["train"], "--tokenizer-model",
                                               tok,
-                                        "--load", "teacher", "--output", "store", *LAYOUT,
+                                        "--load", "teacher", "--output", "store", *DIGITS_LAYOUT,
                                         "--no-progress"], work)
     student = [*common, *REGATE, "--train-iters", str(opts.iters),
                "--global-batch-size", str(8 * opts.students)]

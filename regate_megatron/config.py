@@ -17,18 +17,24 @@ import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["CHOICES", "ReGateConfig", "add_regate_args", "flag_for", "parse_layer_span"]
+__all__ = ["CHOICES", "TEACHER_VISUAL_MODES", "ReGateConfig", "add_regate_args", "flag_for",
+           "parse_layer_span"]
+
+TEACHER_VISUAL_MODES = ("pad", "drop")
+"""How the text-only teacher sees image slots (`--regate-teacher-visual`, the store's
+``teacher_visual``): replaced by its pad token, or removed."""
 
 CHOICES = {
     "selector": ("regate", "random", "excess"),
     "score_norm": ("rank", "zscore", "none"),
     "select_scope": ("sample", "batch"),
     "schedule": ("constant", "cyclic", "cosine"),
-    "teacher_visual": ("pad", "drop"),
+    "teacher_visual": TEACHER_VISUAL_MODES,
 }
 """The allowed values of the string-valued fields (argparse ``choices`` and validation)."""
 
 _METAVARS = {"layers": "A:B", "ref_store": "PATH", "teacher_load": "PATH"}
+
 
 def parse_layer_span(text: str) -> Tuple[Optional[int], Optional[int]]:
     """Parse ``--regate-layers`` text ``a:b`` (either end may be empty) into ints."""

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from regate_megatron.data.layout import num_image_tokens
 from regate_megatron.training.arguments import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,5 +55,5 @@ def test_example_flags_parse(path, valid, tmp_path, monkeypatch):
     if os.path.basename(path) == "llava15_7b.sh":
         assert (args.num_layers, args.hidden_size, args.num_attention_heads,
                 args.ffn_hidden_size) == (32, 4096, 32, 11008)
-        assert (args.img_h // args.patch_dim) ** 2 == 576
+        assert num_image_tokens(args.img_h, args.img_w, args.patch_dim) == 576
         assert args.tensor_model_parallel_size * args.pipeline_model_parallel_size <= 8

@@ -34,11 +34,13 @@ def test_expand_targets_inverts_llava_inputs(megatron_world, tmp_path, spm_token
     had, which LLaVA itself also builds (its returned loss mask)."""
     from test_mllm import mixed_batch, tiny_args
 
-    from regate_megatron.core.mllm import build_model, llava_inputs, num_image_tokens
+    from regate_megatron.core.mllm import llava_inputs
+    from regate_megatron.data.layout import num_image_tokens
+    from regate_megatron.training.model_provider import build_model
 
     args = tiny_args()
     batch = mixed_batch(tmp_path, spm_tokenizer, args)
-    image_tokens = num_image_tokens(args)
+    image_tokens = num_image_tokens(args.img_h, args.img_w, args.patch_dim)
     inputs = llava_inputs(batch, image_tokens)
     text = TextBatch(batch.sample_ids, inputs["input_ids"], inputs["labels"],
                      inputs["loss_mask"])

@@ -8,11 +8,14 @@ from megatron.core.models.multimodal.llava_model import LLaVAModel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from regate_megatron.config import ReGateConfig
-from regate_megatron.core.mllm import build_model, llava_inputs, llava_kwargs, num_image_tokens
+from regate_megatron.core.mllm import llava_inputs
 from regate_megatron.core.selection import TokenSelection, select_top_targets
 from regate_megatron.core.spec import get_regate_decoder_block_spec
+from regate_megatron.data.layout import num_image_tokens
 from regate_megatron.data.llava import ConversationDataset, collate
-from regate_megatron.training.arguments import build_parser, fill_model_defaults, language_config
+from regate_megatron.training.arguments import build_parser, fill_model_defaults
+from regate_megatron.training.model_config import language_config
+from regate_megatron.training.model_provider import build_model, llava_kwargs
 
 SEQ = 48
 VOCAB = 128
@@ -35,8 +38,8 @@ def mixed_batch(tmp_path, tokenizer, args):
     records.append({"id": "adjacent", "image": ["red.png", "red.png"],
                     "conversations": conv("<image><image>\nwhat is it?", "a red box")})
     path = write_records(tmp_path / "data.json", records)
-    data = ConversationDataset(path, tokenizer, seq_length=SEQ,
-                               num_image_tokens=num_image_tokens(args),
+    image_tokens = num_image_tokens(args.img_h, args.img_w, args.patch_dim)
+    data = ConversationDataset(path, tokenizer, seq_length=SEQ, num_image_tokens=image_tokens,
                                image_size=(args.img_h, args.img_w))
     return collate([data[0], data[1], data[2], data[4]], seq_length=SEQ, pad_id=tokenizer.pad_id)
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from fixtures_data import mixed_records, spm_model_path, spm_tokenizer, write_records  # noqa: F401
 
-from regate_megatron import ref_store as ref_store_mod
 from regate_megatron.data.llava import ConversationDataset
 from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from regate_megatron.scoring import ref_store as ref_store_mod
 from regate_megatron.scoring.ref_store import (
     FORMAT_VERSION,
     RefLossStore,

@@ -33,7 +33,7 @@ def _args(argv, *extra, world=1, monkeypatch=None):
 
 
 def _checkpoint(args, iteration):
-    from regate_megatron.training.arguments import model_args_dict
+    from regate_megatron.training.model_config import model_args_dict
 
     return {"iteration": iteration, "args": model_args_dict(args), "run_state": run_state(args),
             "consumed_samples": iteration * args.global_batch_size}

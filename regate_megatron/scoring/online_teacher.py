@@ -238,7 +238,7 @@ def run_teacher(args: argparse.Namespace) -> None:
     another (the students' sampler), each sent to the students one step ahead."""
     from megatron.core import parallel_state as ps
 
-    from regate_megatron.core.mllm import num_image_tokens
+    from regate_megatron.data.layout import num_image_tokens
     from regate_megatron.data.llava import ConversationDataset
     from regate_megatron.data.tokenizer import SentencePieceTokenizer
     from regate_megatron.scoring.teacher_model import (
@@ -263,7 +263,8 @@ def run_teacher(args: argparse.Namespace) -> None:
     check_teacher_parallel(arch, len(ranks), tp, pp, flags=TEACHER_FLAGS)
     dataset = ConversationDataset(
         args.data_path, tokenizer, seq_length=args.seq_length,
-        num_image_tokens=num_image_tokens(args), image_size=(args.img_h, args.img_w),
+        num_image_tokens=num_image_tokens(args.img_h, args.img_w, args.patch_dim),
+        image_size=(args.img_h, args.img_w),
         image_root=args.image_root, skip_bad_samples=args.skip_bad_samples, load_images=False)
     timeout_s = 60.0 * (getattr(args, "distributed_timeout_minutes", None) or 10)
     store = launch_store(timeout_s)

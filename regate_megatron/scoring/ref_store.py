@@ -26,10 +26,11 @@ from typing import List, Sequence
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "TEACHER_VISUAL_MODES", "RefLossStore", "StoreBuilder", "write_store"]
+from regate_megatron.config import TEACHER_VISUAL_MODES
+
+__all__ = ["FORMAT_VERSION", "RefLossStore", "StoreBuilder", "write_store"]
 
 FORMAT_VERSION = 1
-TEACHER_VISUAL_MODES = ("pad", "drop")  # how the text-only teacher sees image slots
 _REQUIRED_META = ("teacher", "tokenizer_sha256", "dataset_fingerprint", "teacher_visual")
 _REBUILD = (
     "rebuild it with `regate-precompute-ref --data-path ... --tokenizer-model ... --load TEACHER "

@@ -25,10 +25,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from regate_megatron.config import TEACHER_VISUAL_MODES
 from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch
-from regate_megatron.scoring.ref_store import TEACHER_VISUAL_MODES
 
-__all__ = ["TEACHER_VISUAL_MODES", "teacher_inputs", "reference_losses"]
+__all__ = ["teacher_inputs", "reference_losses"]
 
 
 def teacher_inputs(batch: Batch, *, pad_id: int, mode: str) -> Dict[str, Optional[torch.Tensor]]:

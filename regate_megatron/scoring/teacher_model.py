@@ -137,8 +137,8 @@ class FrozenTeacher:
                  device: torch.device):
         from megatron.core import parallel_state as ps
 
-        from regate_megatron.core.mllm import build_model
         from regate_megatron.training.checkpoint import latest_iteration, load_module_weights
+        from regate_megatron.training.model_provider import build_model
 
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.pp = ps.get_pipeline_model_parallel_world_size()

@@ -46,6 +46,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
+from regate_megatron.data.layout import LAYOUT_FLAGS
+
 __all__ = ["VARIANTS", "RunSpec", "plan_runs", "summarize", "format_table", "plot_bands", "main"]
 
 REGATE_SCHEDULE = ["--regate-schedule", "cyclic", "--regate-cycle-steps", "10",
@@ -321,8 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # regate-train flags that regate-precompute-ref shares (the sequence and image layout).
-_LAYOUT_FLAGS = ("--seq-length", "--img-h", "--img-w", "--patch-dim", "--image-root",
-                 "--regate-teacher-visual")
+_LAYOUT_FLAGS = (*LAYOUT_FLAGS, "--image-root", "--regate-teacher-visual")
 
 
 def _layout_flags(extra: List[str]) -> List[str]:

@@ -32,6 +32,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from regate_megatron.data.layout import LAYOUT_FLAGS, add_layout_args, num_image_tokens
 from regate_megatron.data.llava import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, ConversationDataset
 from regate_megatron.data.tokenizer import SentencePieceTokenizer
 from regate_megatron.scoring.ref_store import RefLossStore
@@ -202,10 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", required=True, help="LLaVA-format JSON/JSONL records")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
     p.add_argument("--store", required=True, help="reference-loss store directory")
-    p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--img-h", type=int, required=True)
-    p.add_argument("--img-w", type=int, required=True)
-    p.add_argument("--patch-dim", type=int, required=True)
+    add_layout_args(p, required=LAYOUT_FLAGS)
     p.add_argument("--image-root", default=None, help="default: the data file's directory")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip invalid records, as the store's build did")
@@ -219,18 +217,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> Dict[str, str]:
-    if args.patch_dim <= 0 or args.img_h % args.patch_dim or args.img_w % args.patch_dim:
-        raise ValueError(
-            f"--img-h {args.img_h} and --img-w {args.img_w} must be multiples of --patch-dim "
-            f"{args.patch_dim} (use the values the store was built with)"
-        )
+    try:
+        image_tokens = num_image_tokens(args.img_h, args.img_w, args.patch_dim)
+    except ValueError as err:
+        raise ValueError(f"{err}; use the values the store was built with") from None
     if args.sample_ids is None and args.samples <= 0:
         raise ValueError(f"--samples must be positive, got {args.samples}")
     tokenizer = SentencePieceTokenizer(args.tokenizer_model)
     dataset = ConversationDataset(
         args.data_path, tokenizer,
         seq_length=args.seq_length,
-        num_image_tokens=(args.img_h // args.patch_dim) * (args.img_w // args.patch_dim),
+        num_image_tokens=image_tokens,
         image_size=(args.img_h, args.img_w),
         image_root=args.image_root,
         skip_bad_samples=args.skip_bad_samples,

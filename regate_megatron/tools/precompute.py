@@ -27,6 +27,9 @@ from typing import Iterator, List, Optional
 
 import torch.distributed as dist
 
+from regate_megatron.config import TEACHER_VISUAL_MODES, ReGateConfig
+from regate_megatron.data.layout import add_layout_args, num_image_tokens
+
 __all__ = ["main", "build_store"]
 
 
@@ -38,11 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", required=True)
     p.add_argument("--load", required=True, help="the teacher's dist_checkpointing checkpoint")
     p.add_argument("--output", required=True, help="directory of the reference-loss store")
-    p.add_argument("--seq-length", type=int, required=True, help="the student's --seq-length")
-    p.add_argument("--img-h", type=int, default=336)
-    p.add_argument("--img-w", type=int, default=336)
-    p.add_argument("--patch-dim", type=int, default=14)
-    p.add_argument("--regate-teacher-visual", choices=["pad", "drop"], default="pad",
+    add_layout_args(p, required=("--seq-length",), seq_length_help="the student's --seq-length")
+    p.add_argument("--regate-teacher-visual", choices=TEACHER_VISUAL_MODES,
+                   default=ReGateConfig.teacher_visual,
                    help="visual positions become the teacher's pad token, masked from attention "
                         "(pad, the paper's choice) or are removed (drop)")
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -85,11 +86,11 @@ def build_store(args: argparse.Namespace) -> dict:
     from regate_megatron.training.parallel import initialize_parallel, launch_env, rank_device
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    image_tokens = num_image_tokens(args.img_h, args.img_w, args.patch_dim)  # the student's
     tokenizer = SentencePieceTokenizer(args.tokenizer_model)
     architecture = teacher_architecture(args.load, tokenizer)  # the tokenizer check comes first
     launch_world = dist.get_world_size() if dist.is_initialized() else launch_env().world_size
     check_teacher_parallel(architecture, launch_world, tp, pp)  # before any compute
-    image_tokens = (args.img_h // args.patch_dim) * (args.img_w // args.patch_dim)
     dataset = ConversationDataset(
         args.data_path, tokenizer, seq_length=args.seq_length, num_image_tokens=image_tokens,
         image_size=(args.img_h, args.img_w), image_root=args.image_root,

@@ -6,8 +6,7 @@ so an existing MLLM launch script keeps working; the `--regate-*` flags come fro
 
 `validate_args` checks everything that can be checked without data or a model,
 so a bad launch fails before any process group, model or step exists. The
-builders turn the namespace into Megatron-Core configs:
-`language_config(args)`, `vision_config(args)`, `optimizer_config(args)`.
+namespace becomes Megatron-Core configs in `regate_megatron.training.model_config`.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ import argparse
 import os
 from typing import List, Optional
 
-import torch
-
 from regate_megatron.config import ReGateConfig, add_regate_args
+from regate_megatron.data.layout import add_layout_args, num_image_tokens
 from regate_megatron.training.megatron_lm_flags import (
     add_megatron_lm_flags,
     apply_megatron_lm_flags,
@@ -31,25 +29,8 @@ __all__ = [
     "parse_args",
     "validate_args",
     "add_model_args",
-    "model_args_dict",
-    "language_config",
-    "vision_config",
-    "projection_config",
-    "optimizer_config",
-    "spec_backend",
-    "MODEL_ARG_NAMES",
+    "fill_model_defaults",
 ]
-
-# Architecture flags: saved with every checkpoint so a consumer (the teacher in
-# `regate-precompute-ref`, a resumed run) rebuilds the same model.
-MODEL_ARG_NAMES = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-    "group_query_attention", "num_query_groups", "seq_length", "max_position_embeddings",
-    "position_embedding_type", "rotary_base", "normalization", "norm_epsilon", "swiglu",
-    "untie_embeddings_and_output_weights", "init_method_std", "vocab_size",
-    "text_only", "img_h", "img_w", "patch_dim", "vision_num_layers", "vision_hidden_size",
-    "vision_num_attention_heads", "vision_ffn_hidden_size",
-)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,8 +43,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-attention-heads", type=int, default=None)
     g.add_argument("--group-query-attention", action="store_true")
     g.add_argument("--num-query-groups", type=int, default=1)
-    g.add_argument("--seq-length", type=int, default=None,
-                   help="combined sequence length (text + image tokens) of the language model")
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"],
                    default="learned_absolute")
@@ -81,10 +60,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--text-only", action="store_true",
                    help="train a text-only GPT (e.g. the ReGATE teacher): visual positions of the "
                         "data become pad tokens masked from attention (--regate-teacher-visual)")
+    add_layout_args(parser)  # --seq-length, --img-h, --img-w, --patch-dim
     v = parser.add_argument_group("vision encoder (CLIP-style ViT) and projector")
-    v.add_argument("--img-h", type=int, default=336)
-    v.add_argument("--img-w", type=int, default=336)
-    v.add_argument("--patch-dim", type=int, default=14)
     v.add_argument("--vision-num-layers", type=int, default=None, help="default: --num-layers")
     v.add_argument("--vision-hidden-size", type=int, default=None, help="default: --hidden-size")
     v.add_argument("--vision-num-attention-heads", type=int, default=None,
@@ -210,8 +187,11 @@ def fill_model_defaults(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Everything checkable before start-up; each error names the flag and the fix."""
-    apply_megatron_lm_flags(args, num_image_tokens=(args.img_h // args.patch_dim) *
-                            (args.img_w // args.patch_dim))
+    try:
+        image_tokens = num_image_tokens(args.img_h, args.img_w, args.patch_dim)
+    except ValueError as err:
+        raise SystemExit(f"regate-train: {err}") from None
+    apply_megatron_lm_flags(args, num_image_tokens=image_tokens)
     _need(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
           "lr", "data_path", "tokenizer_model")
     fill_model_defaults(args)
@@ -269,8 +249,6 @@ def validate_args(args: argparse.Namespace) -> None:
             "regate-train: --sequence-parallel inside LLaVA needs Transformer Engine attention in "
             "Megatron-Core 0.16.1; drop --sequence-parallel or use --text-only"
         )
-    if not args.text_only and (args.img_h % args.patch_dim or args.img_w % args.patch_dim):
-        raise SystemExit("regate-train: --img-h and --img-w must be multiples of --patch-dim")
     if (args.regate.enabled and args.regate.ref_store is None and not args.regate.teacher_ranks
             and args.regate.selector != "random"):
         raise SystemExit(
@@ -319,109 +297,3 @@ def _check_training_numbers(args: argparse.Namespace) -> None:
     if not args.check_for_nan_in_loss_and_grad and args.regate.enabled:
         raise SystemExit("regate-train: --no-check-for-nan-in-loss-and-grad cannot be combined "
                          "with --regate (the student-loss EMA needs finite losses)")
-
-
-def model_args_dict(args: argparse.Namespace) -> dict:
-    """The architecture flags, saved in checkpoints (JSON-safe)."""
-    return {name: getattr(args, name, None) for name in MODEL_ARG_NAMES}
-
-
-def _dtype(args) -> torch.dtype:
-    return torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
-
-
-def language_config(args: argparse.Namespace):
-    """TransformerConfig of the language model (student or teacher)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    dtype = _dtype(args)
-    return TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
-        gated_linear_unit=args.swiglu,
-        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
-        bias_activation_fusion=False,
-        add_bias_linear=not args.swiglu,
-        init_method_std=args.init_method_std,
-        hidden_dropout=getattr(args, "hidden_dropout", 0.0),
-        attention_dropout=getattr(args, "attention_dropout", 0.0),
-        tensor_model_parallel_size=getattr(args, "tensor_model_parallel_size", 1),
-        pipeline_model_parallel_size=getattr(args, "pipeline_model_parallel_size", 1),
-        sequence_parallel=getattr(args, "sequence_parallel", False),
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        calculate_per_token_loss=True,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        variable_seq_lengths=False,
-    )
-
-
-def vision_config(args: argparse.Namespace):
-    """TransformerConfig of the CLIP-style ViT encoder."""
-    import dataclasses
-
-    base = language_config(args)
-    config = dataclasses.replace(
-        base,
-        num_layers=args.vision_num_layers,
-        hidden_size=args.vision_hidden_size,
-        ffn_hidden_size=args.vision_ffn_hidden_size,
-        num_attention_heads=args.vision_num_attention_heads,
-        num_query_groups=args.vision_num_attention_heads,
-        normalization="LayerNorm",
-        gated_linear_unit=False,
-        activation_func=torch.nn.functional.gelu,
-        add_bias_linear=True,
-        pipeline_model_parallel_size=1,
-        sequence_parallel=False,
-    )
-    config.vision_model_type = "clip"  # read by LLaVAModel; not a TransformerConfig field
-    return config
-
-
-def projection_config(args: argparse.Namespace):
-    """TransformerConfig of the 2-layer MLP projector (vision hidden -> language hidden)."""
-    import dataclasses
-
-    base = language_config(args)
-    return dataclasses.replace(
-        base,
-        num_layers=1,
-        ffn_hidden_size=args.hidden_size,
-        gated_linear_unit=False,
-        activation_func=torch.nn.functional.gelu,
-        add_bias_linear=True,
-        pipeline_model_parallel_size=1,
-        sequence_parallel=False,
-    )
-
-
-def optimizer_config(args: argparse.Namespace):
-    from megatron.core.optimizer import OptimizerConfig
-
-    return OptimizerConfig(
-        optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        params_dtype=_dtype(args),
-        use_distributed_optimizer=args.use_distributed_optimizer,
-    )
-
-
-def spec_backend(args: argparse.Namespace) -> str:
-    return {"local": "local", "transformer_engine": "te", "auto": "auto"}[args.transformer_impl]

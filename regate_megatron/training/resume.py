@@ -1,7 +1,7 @@
 """What a resumed run may change, and what it must keep (the resume rule, README "Resuming").
 
 Every checkpoint stores the flags that shape training (`run_state`) next to the
-architecture (`arguments.model_args_dict`). On `--load`, before any tensor is read,
+architecture (`model_config.model_args_dict`). On `--load`, before any tensor is read,
 `reconcile` compares them with the command line:
 
 - architecture, `--seed`, `--global-batch-size`, the Adam hyper-parameters, `--bf16`,
@@ -28,7 +28,7 @@ import argparse
 import dataclasses
 from typing import Any, Dict, List
 
-from regate_megatron.training.arguments import MODEL_ARG_NAMES
+from regate_megatron.training.model_config import MODEL_ARG_NAMES
 
 __all__ = ["run_state", "reconcile", "decay_horizon", "SCHEDULE_ARG_NAMES", "FIXED_ARG_NAMES"]
 

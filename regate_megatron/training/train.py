@@ -1,7 +1,8 @@
 """`regate-train`: train an MLLM (Megatron-Core LLaVA) with ReGATE token elision.
 
-    parse flags -> bring up parallelism -> data (+ reference-loss store) -> model,
-    DDP, optimizer, LR schedule, scorer -> (resume) -> train loop -> final save.
+    parse flags -> data -> reference losses (store or online teacher) -> parallelism ->
+    model (+ DDP) -> optimizer, LR schedule -> scorer -> (resume) -> train loop -> final save
+    (`Run.setup` lists the build steps in order).
 
 One step of the loop, top to bottom:
     schedule  rho_t = keep_ratio_at(step); this step's global batch (deterministic)
@@ -34,15 +35,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from regate_megatron.core.mllm import build_model, llava_inputs, num_image_tokens
+from regate_megatron.core.mllm import llava_inputs
 from regate_megatron.core.roles import is_logging_rank, is_loss_rank, is_selection_source
 from regate_megatron.core.selection import TokenSelection, broadcast_selections
+from regate_megatron.data.layout import num_image_tokens
 from regate_megatron.data.llava import ConversationDataset, collate
 from regate_megatron.data.sampler import batch_positions, local_microbatch_positions
 from regate_megatron.data.tokenizer import SentencePieceTokenizer
 from regate_megatron.scoring.teacher import teacher_inputs
-from regate_megatron.training.arguments import model_args_dict, optimizer_config, parse_args
+from regate_megatron.training.arguments import parse_args
 from regate_megatron.training.guard import check_grad_norm_finite, check_step_finite
+from regate_megatron.training.model_config import model_args_dict, optimizer_config
+from regate_megatron.training.model_provider import build_model
 from regate_megatron.training.parallel import (
     collective_device,
     initialize_parallel,
@@ -62,6 +66,11 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def _timeout_s(args: argparse.Namespace) -> float:
+    """Collective timeout in seconds: --distributed-timeout-minutes (Megatron-LM's: 10 min)."""
+    return 60.0 * (getattr(args, "distributed_timeout_minutes", None) or 10)
+
+
 def log0(*parts) -> None:
     if is_logging_rank():
         print("[regate-train]", *parts, flush=True)
@@ -79,16 +88,32 @@ class Run:
 
     # ------------------------------------------------------------------ build
     def setup(self) -> "Run":
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        """Build the run, in a fixed order: each step needs the ones before it, and the data,
+        the checkpoint's flags and the reference store are checked before Megatron's parallel
+        state is brought up."""
+        args = self.args
+        self._check_start()                    # --load: resume or first run; --save, metrics
+        self._build_data()                     # tokenizer, datasets, padded vocabulary
+        notes = self._reconcile_with_checkpoint() if self.resuming else []  # flags vs --load
+        world = self._open_reference()         # reference store or online teacher (its world)
+        self._init_parallel(world)             # TP x PP x DP, device, seed
+        for note in notes:
+            log0(note)
+        self._build_model()                    # build + pretrained weights + bf16 + DDP
+        self._build_optimizer()                # optimizer + LR schedule + config hooks
+        self.scorer = self._build_scorer() if args.regate.enabled else None
+        if self.resuming:
+            self._resume()                     # model, optimizer, schedule, EMA, data position
+        if self.channel is not None and is_logging_rank():
+            # The teacher starts at the students' position: a resumed run's in-flight batch
+            # is recomputed.
+            self.channel.publish_start(self.iteration, self.consumed_samples)
+        self._print_plan()
+        return self
 
+    def _check_start(self) -> None:
+        """Resume or start fresh; --save and --metrics-jsonl usable (before any data)."""
         from regate_megatron.training.checkpoint import has_checkpoint
-        from regate_megatron.training.optimizer_state import check_distrib_optim_sharding
 
         args = self.args
         # --load = --save with no checkpoint there yet is a first run (Megatron-LM's rule; the
@@ -97,12 +122,16 @@ class Run:
         if args.load and not self.resuming:
             log0(f"no checkpoint in {args.load} yet: starting from scratch")
         self._check_outputs()
+
+    def _build_data(self) -> None:
+        """Tokenizer, training and held-out datasets, padded vocabulary size."""
+        args = self.args
         self.tokenizer = SentencePieceTokenizer(args.tokenizer_model)
         if args.regate.enabled and args.regate.teacher_ranks:
             self._check_online_teacher()  # its tokenizer and architecture, before any data
         # Text-only runs (the teacher) keep the student's layout: the same image slots, which the
         # teacher view masks, so positions match what regate-precompute-ref scores later.
-        self.image_tokens = num_image_tokens(args)
+        self.image_tokens = num_image_tokens(args.img_h, args.img_w, args.patch_dim)
         data_kw = dict(seq_length=args.seq_length, num_image_tokens=self.image_tokens,
                        image_size=(args.img_h, args.img_w), image_root=args.image_root,
                        skip_bad_samples=args.skip_bad_samples, load_images=not args.text_only)
@@ -117,28 +146,42 @@ class Run:
                                             args.tensor_model_parallel_size,
                                             args.make_vocab_size_divisible_by)
         args.vocab_size = self.vocab_size  # saved with the architecture in every checkpoint
-        notes = self._reconcile_with_checkpoint() if self.resuming else []
+
+    def _open_reference(self) -> dict:
+        """The reference losses: a precomputed store, or the online teacher's channel. Returns
+        the world `initialize_parallel` brings up: every rank ({}), or the student ranks."""
+        args = self.args
         self.store = self.channel = None
-        timeout_s = 60.0 * (getattr(args, "distributed_timeout_minutes", None) or 10)
-        world = {}  # the default world: every rank, or the student ranks with a teacher group
         if args.regate.enabled and args.regate.teacher_ranks:
-            world = self._online_teacher(timeout_s)
-        elif args.regate.enabled:
+            return self._online_teacher(_timeout_s(args))
+        if args.regate.enabled:
             from regate_megatron.scoring.scorer import open_reference
 
             # Teacher and student must share the tokenizer; checked here, before any compute.
             self.store = open_reference(args.regate, self.train_data, self.tokenizer)
+        return {}
+
+    def _init_parallel(self, world: dict) -> None:
+        """Megatron's parallel state (TP x PP x DP over `world`), this rank's device, the seed."""
+        from regate_megatron.training.optimizer_state import check_distrib_optim_sharding
+
+        args = self.args
         if args.use_distributed_optimizer:
             check_distrib_optim_sharding(args.distrib_optim_sharding_type)
-
         initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                            seed=args.seed, timeout_s=timeout_s,  # Megatron-LM's: 10 min
-                            **world)
+                            seed=args.seed, timeout_s=_timeout_s(args), **world)
         self.device = rank_device()  # where this rank's model, batches and selections live
         torch.manual_seed(args.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        for note in notes:
-            log0(note)
+
+    def _build_model(self) -> None:
+        """This rank's pipeline stage, pretrained weights, bf16, wrapped in Megatron's DDP."""
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
+
+        args = self.args
         module = build_model(args, self.vocab_size, regate_config=args.regate)
         self.config = module.config
         if args.language_model_checkpoint or args.vision_model_checkpoint:
@@ -153,6 +196,14 @@ class Run:
                                           grad_reduce_in_fp32=args.bf16),
             module,
         )]
+
+    def _build_optimizer(self) -> None:
+        """Megatron's optimizer and LR schedule, and the config hooks its schedules call."""
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        args = self.args
         self.optimizer = get_megatron_optimizer(optimizer_config(args), self.model)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
@@ -166,15 +217,6 @@ class Run:
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.no_sync_func = self.model[0].no_sync
         self.config.grad_scale_func = self.optimizer.scale_loss
-        self.scorer = self._build_scorer() if args.regate.enabled else None
-        if self.resuming:
-            self._resume()
-        if self.channel is not None and is_logging_rank():
-            # The teacher starts at the students' position: a resumed run's in-flight batch
-            # is recomputed.
-            self.channel.publish_start(self.iteration, self.consumed_samples)
-        self._print_plan()
-        return self
 
     def _check_online_teacher(self) -> None:
         """The online teacher's checkpoint shares our tokenizer, is a text-only GPT and fits its

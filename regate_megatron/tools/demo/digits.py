@@ -48,7 +48,13 @@ import numpy as np
 
 from regate_megatron.data.llava import IMAGE_PLACEHOLDER
 
-__all__ = ["DIGIT_NAMES", "TEMPLATES", "question_text", "answer_text", "build_digits_vqa"]
+__all__ = ["DIGIT_NAMES", "DIGITS_LAYOUT", "TEMPLATES", "question_text", "answer_text",
+           "build_digits_vqa"]
+
+DIGITS_LAYOUT = ["--seq-length", "80", "--img-h", "8", "--img-w", "8", "--patch-dim", "2"]
+"""The layout flags (`regate_megatron.data.layout`) of every digits-VQA run: 8 x 8 images in
+2-pixel patches (16 image tokens) in 80-token sequences. The demo, the ablation and the
+benchmarks pass these to regate-train, regate-precompute-ref and regate-inspect alike."""
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                "ten")  # "ten" only as the number after nine

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import List, Optional
 
+from regate_megatron.tools.demo.digits import DIGITS_LAYOUT
+
 __all__ = ["main", "build_inputs", "train_teacher", "precompute_refs", "student_command",
            "run_stage"]
 
@@ -30,11 +32,10 @@ __all__ = ["main", "build_inputs", "train_teacher", "precompute_refs", "student_
 MODEL = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
     "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
-    "--seq-length", "80", "--img-h", "8", "--img-w", "8", "--patch-dim", "2",
+    *DIGITS_LAYOUT,
     "--vision-num-layers", "2", "--vision-hidden-size", "64", "--vision-num-attention-heads", "4",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--make-vocab-size-divisible-by", "64",
 ]
-IMAGE = ["--seq-length", "80", "--img-h", "8", "--img-w", "8", "--patch-dim", "2"]
 
 
 def run_stage(title: str, cmd: List[str], cwd: str, *, quiet: bool = False) -> float:
@@ -90,7 +91,7 @@ def precompute_refs(work: str, teacher: str, out: str, *, data_path: str = "data
     return run_stage(f"{os.path.basename(out)}: reference losses (regate-precompute-ref)", [
         sys.executable, "-m", "regate_megatron.tools.precompute", "--data-path", data_path,
         "--tokenizer-model", tokenizer, "--load", teacher, "--output", out,
-        *(IMAGE if layout is None else layout), "--micro-batch-size", "64",
+        *(DIGITS_LAYOUT if layout is None else layout), "--micro-batch-size", "64",
         *(["--no-progress"] if quiet else []),
     ], work, quiet=quiet)
 
@@ -173,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     png = plot_accuracy_vs_tokens(dense, regate, os.path.join(work, "accuracy_vs_tokens.png"))
     inspect_main(["--data-path", os.path.join(work, "data/train.json"),
                   "--tokenizer-model", os.path.join(work, "tokenizer.model"),
-                  "--store", os.path.join(work, "ref_store"), *IMAGE, "--samples", "6",
+                  "--store", os.path.join(work, "ref_store"), *DIGITS_LAYOUT, "--samples", "6",
                   "--output", os.path.join(work, "inspect")])
     result = time_to_accuracy(dense, regate)
     print("\n" + format_table(result))
