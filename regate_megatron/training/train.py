@@ -435,7 +435,9 @@ class Run:
             loss, loss_mask = output  # LLaVA: [b, s] loss and the combined-sequence loss mask
         else:
             loss, loss_mask = output, text_mask
-        return loss, partial(regate_loss, TokenSelection.dense(loss_mask.bool()), records)
+        # Off the last pipeline stage there is no loss mask and the loss function is not called.
+        dense = None if loss_mask is None else TokenSelection.dense(loss_mask.bool())
+        return loss, partial(regate_loss, dense, records)
 
     def train_step(self) -> dict:
         args = self.args
