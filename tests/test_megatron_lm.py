@@ -18,6 +18,7 @@ from regate_megatron.megatron_lm import (
     TextBatch,
     carry_regate_state,
     expand_targets,
+    expanded_view,
     extra_args_provider,
     pretrain_vlm_view,
     regate_layer_spec,
@@ -53,6 +54,9 @@ def test_expand_targets_inverts_llava_inputs(megatron_world, tmp_path, spm_token
     with torch.no_grad():
         _, llava_mask = model(**inputs)
     assert torch.equal(llava_mask, mask[:, :llava_mask.shape[1]])
+    # regate-train's batches are already expanded: its view's targets are the batch's
+    labels, mask = expand_targets(expanded_view(batch), image_tokens, SEQ * 4)
+    assert torch.equal(labels, batch.labels) and torch.equal(mask, batch.loss_mask)
     # tiles: an image of 2 tiles takes 2 * img_seq_len slots
     one = TextBatch(torch.tensor([0]), torch.tensor([[5, -200, 6, 7]]),
                     torch.tensor([[9, 6, 7, 8]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]]),

@@ -114,6 +114,13 @@ def test_routing_inside_llava(megatron_world, tmp_path, spm_tokenizer):
     assert rows == [int(selection.keep_mask().sum(1).max())] and rows[0] < SEQ
     assert model.language_model.token_router.last_keep_index is selection.keep_index
     assert all(torch.isfinite(g).all() for g in grads.values())
+    # The step wrapper's way in (`ReGateForwardBackward`): `selecting` around a forward that
+    # passes no selection routes the same tokens (LLaVA's forward keeps the outer selection).
+    model.language_model.token_router.last_keep_index = None
+    with model.language_model.selecting(selection):
+        outer_loss, _, _ = loss_and_grads(model, batch)
+    assert model.language_model.token_router.last_keep_index is selection.keep_index
+    assert torch.equal(outer_loss, loss)
 
 
 def test_freeze_flags_follow_megatron(megatron_world):

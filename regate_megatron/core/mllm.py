@@ -40,9 +40,11 @@ class ReGateLLaVAModel(LLaVAModel):
             ReGateGPTModel.adopt(self.language_model, regate_config)
 
     def forward(self, *args, token_selection: Optional[TokenSelection] = None, **kwargs):
+        # No selection given: a caller's `language_model.selecting(...)` around this call
+        # (`ReGateForwardBackward`) stays in force.
         routing = (
             self.language_model.selecting(token_selection)
-            if self.language_model is not None
+            if self.language_model is not None and token_selection is not None
             else contextlib.nullcontext()
         )
         with routing:

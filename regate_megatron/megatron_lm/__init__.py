@@ -21,13 +21,15 @@ A Megatron-LM multimodal script (``pretrain_vlm.py``) changes by these lines
 Pieces: `flags` (``--regate-*``, refused settings), `model` (spec, adoption), `step`
 (`ReGateForwardBackward`), `loss` (`regate_loss`), `state` (EMA in the model's checkpoint
 state), `batch` / `sample_ids` (targets in the combined sequence, stable ids), `hooks`
-(the Megatron-LM glue above). ``regate-train`` uses the same scorer, selection broadcast,
-loss masking and EMA record/update.
+(the Megatron-LM glue above). ``regate-train`` is built on the same pieces: its step is a
+`ReGateForwardBackward` (view `expanded_view`), its loss `regate_loss`, its model adopted by
+`adopt_llava` and its EMA saved by `carry_regate_state`.
 """
 
 from regate_megatron.megatron_lm.batch import (
     TextBatch,
     expand_targets,
+    expanded_view,
     multimodal_train_view,
     pretrain_vlm_view,
 )
@@ -44,14 +46,15 @@ from regate_megatron.megatron_lm.loss import regate_loss
 from regate_megatron.megatron_lm.model import adopt_llava, language_model_of, regate_layer_spec
 from regate_megatron.megatron_lm.sample_ids import SampleIdDataset, target_counts
 from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
-from regate_megatron.megatron_lm.step import ReGateForwardBackward
+from regate_megatron.megatron_lm.step import ReGateForwardBackward, StepInfo
 
 __all__ = [
     "TextBatch", "expand_targets", "pretrain_vlm_view", "multimodal_train_view",
+    "expanded_view",
     "check_args", "extra_args_provider",
     "install", "language_layer_spec", "adopt_model", "with_sample_ids",
     "routable_spec_factory", "adopting_provider",
     "regate_loss", "regate_layer_spec", "adopt_llava", "language_model_of",
     "SampleIdDataset", "target_counts", "ReGateState", "carry_regate_state",
-    "ReGateForwardBackward",
+    "ReGateForwardBackward", "StepInfo",
 ]

@@ -7,8 +7,9 @@ in those combined coordinates, so the selection source rebuilds, per micro-batch
 and loss mask LLaVA will build (`expand_targets`: LLaVA's rule, the inverse of
 `regate_megatron.core.mllm.llava_inputs`).
 
-A *batch view* turns one script's batch dict into a `TextBatch`; `pretrain_vlm_view` and
-`multimodal_train_view` are the two scripts' views.
+A *batch view* turns one script's batch into a `TextBatch`; `pretrain_vlm_view` and
+`multimodal_train_view` are the two scripts' views, `expanded_view` is ``regate-train``'s
+(its `regate_megatron.data.llava.Batch` is already in the combined layout).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "expand_targets",
     "pretrain_vlm_view",
     "multimodal_train_view",
+    "expanded_view",
 ]
 
 
@@ -38,6 +40,9 @@ class TextBatch:
     labels:          [b, t] int64, LLaVA's convention (label at t is the target of t).
     loss_mask:       [b, t] float.
     num_image_tiles: [num_images] int, tiles per image in order (None: one tile each).
+    expanded:        the batch is already in the combined layout (one position per image
+                     embedding slot, labels at their combined positions): `expand_targets`
+                     takes its labels and loss mask as they are.
     """
 
     sample_ids: torch.Tensor
@@ -45,6 +50,7 @@ class TextBatch:
     labels: torch.Tensor
     loss_mask: torch.Tensor
     num_image_tiles: Optional[torch.Tensor] = None
+    expanded: bool = False
 
 
 BatchView = Callable[[dict], TextBatch]
@@ -82,6 +88,12 @@ def multimodal_train_view(batch: dict, pad_token: Optional[int] = None) -> TextB
                      None if tiles is None else torch.as_tensor(tiles).reshape(-1))
 
 
+def expanded_view(batch) -> TextBatch:
+    """``regate-train``'s `regate_megatron.data.llava.Batch`: already expanded, with ids."""
+    return TextBatch(batch.sample_ids, batch.tokens, batch.labels, batch.loss_mask,
+                     expanded=True)
+
+
 def expand_targets(
     text: TextBatch,
     img_seq_len: int,
@@ -95,6 +107,8 @@ def expand_targets(
     image is not trained, and L = the longest combined sample (``max_length`` when
     ``pad_to_max_length``, as LLaVA pads under pipeline parallelism), cut to ``max_length``.
     """
+    if text.expanded:  # [b, L] already
+        return text.labels[:, :max_length], text.loss_mask[:, :max_length]
     input_ids, labels, loss_mask = text.input_ids, text.labels, text.loss_mask  # [b, t]
     b, t = input_ids.shape
     is_image = input_ids == IMAGE_TOKEN_INDEX  # [b, t]

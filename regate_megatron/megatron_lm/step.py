@@ -3,21 +3,25 @@ calls: what must happen outside the 1F1B schedule.
 
     prefetch  this step's micro-batches from the data iterator (ranks that hold one)
     ids       the global batch's sample ids, in DP-rank order (one all-reduce)
+    before    ``before_step(step)``, if given (``regate-train``: the online teacher's losses)
     score     rho_t and the EMA lookup (``begin_step``, collective); selections on the
               model-parallel source rank (`is_selection_source`) from the targets in the
               combined sequence (`expand_targets`)
     share     `broadcast_selections` to every TP x PP rank of the group
     schedule  the inner schedule over the prefetched batches; each micro-batch's forward runs
               with its selection (`ReGateGPTModel.selecting`) and its loss is `regate_loss`
+    after     ``after_schedule(info)``, if given: it may raise to stop the step before the
+              EMA changes (``regate-train``: the NaN/inf guard)
     ema       the loss rank records the computed targets' losses; ``end_step`` (collective)
 
 Evaluation (``forward_only=True``) and runs without ``--regate`` go straight to the inner
-schedule. The same scorer, selection broadcast, loss masking and EMA record/update as
-``regate-train``'s step.
+schedule. ``regate-train``'s step is this object too (``regate_megatron.training.train``);
+`StepInfo` (``last``) is what one step saw, for hooks and metrics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, List, Optional
 
@@ -32,7 +36,26 @@ from regate_megatron.megatron_lm.loss import regate_loss
 from regate_megatron.megatron_lm.model import language_model_of
 from regate_megatron.megatron_lm.state import ReGateState
 
-__all__ = ["ReGateForwardBackward"]
+__all__ = ["ReGateForwardBackward", "StepInfo"]
+
+
+@dataclass
+class StepInfo:
+    """One training step as this rank saw it (`ReGateForwardBackward.last`).
+
+    step:        the optimizer step.
+    global_ids:  [dp x local] int64, every DP rank's sample ids of the step, DP-rank order.
+    local_slice: this DP rank's part of ``global_ids``.
+    selections:  per micro-batch `TokenSelection` (identical on the model-parallel group).
+    records:     per micro-batch ``(per_token_loss [b, L] float, computed_mask [b, L] bool)``
+                 on the loss rank (`is_loss_rank`); empty elsewhere.
+    """
+
+    step: int
+    global_ids: torch.Tensor
+    local_slice: slice
+    selections: list
+    records: List = field(default_factory=list)
 
 
 class ReGateForwardBackward:
@@ -49,18 +72,33 @@ class ReGateForwardBackward:
             parallel language model).
         step_of: the optimizer step about to run (Megatron-LM: ``args.curr_iteration``);
             default: a counter of training calls.
+        build_scorer: builds the scorer when ``state`` has none yet (collective).
+        before_step: called with the step on every rank before the EMA lookup (collective
+            ``begin_step``): work the scorer needs first, e.g. waiting for an online
+            teacher's reference losses.
+        after_schedule: called with the step's `StepInfo` on every rank after the inner
+            schedule and before the EMA record/update; raising stops the step with the EMA
+            unchanged (e.g. a NaN/inf guard).
     """
 
     def __init__(self, inner: Callable, state: ReGateState, view: BatchView, *,
                  img_seq_len: int, max_length: int, pad_to_max_length: bool = False,
                  step_of: Optional[Callable[[], int]] = None,
-                 build_scorer: Optional[Callable[[], object]] = None):
+                 build_scorer: Optional[Callable[[], object]] = None,
+                 before_step: Optional[Callable[[int], None]] = None,
+                 after_schedule: Optional[Callable[[StepInfo], None]] = None):
         self.inner, self.state, self.view = inner, state, view
         self.img_seq_len, self.max_length = img_seq_len, max_length
         self.pad_to_max_length = pad_to_max_length
         self.step_of, self.build_scorer = step_of, build_scorer
+        self.before_step, self.after_schedule = before_step, after_schedule
         self.calls = 0
-        self.last_selections: list = []  # this rank's selections of the last step (metrics)
+        self.last: Optional[StepInfo] = None  # the last training step (hooks, metrics)
+
+    @property
+    def last_selections(self) -> list:
+        """This rank's selections of the last training step."""
+        return [] if self.last is None else self.last.selections
 
     def __call__(self, *, forward_step_func, data_iterator, model, num_microbatches,
                  forward_only=False, **kwargs):
@@ -90,7 +128,10 @@ class ReGateForwardBackward:
         global_ids = self._global_ids(texts, num_microbatches * kwargs["micro_batch_size"])
         share = global_ids.numel() // ps.get_data_parallel_world_size()
         dp_rank = ps.get_data_parallel_rank()
-        scorer.begin_step(step, global_ids, slice(dp_rank * share, (dp_rank + 1) * share))
+        local = slice(dp_rank * share, (dp_rank + 1) * share)
+        if self.before_step is not None:
+            self.before_step(step)
+        scorer.begin_step(step, global_ids, local)
         mine = None
         if source:
             mine = [scorer.select(text.sample_ids, labels, mask)
@@ -98,15 +139,16 @@ class ReGateForwardBackward:
         # Sync point: the model-parallel group receives its source rank's selections.
         selections = broadcast_selections(mine, ps.get_model_parallel_group(),
                                           device=_device_of(model))
-        self.last_selections = selections
-        records: List = []
+        info = self.last = StepInfo(step, global_ids, local, selections)
         result = self.inner(
             forward_step_func=partial(_routed_forward_step, forward_step_func,
-                                      iter(selections), records if loss_rank else None),
+                                      iter(selections), info.records if loss_rank else None),
             data_iterator=None if batches is None else iter(batches),
             model=model, num_microbatches=num_microbatches, forward_only=False, **kwargs)
+        if self.after_schedule is not None:
+            self.after_schedule(info)
         if loss_rank:
-            for text, (labels, mask), (loss, computed) in zip(texts, targets, records,
+            for text, (labels, mask), (loss, computed) in zip(texts, targets, info.records,
                                                               strict=True):
                 scorer.record(text.sample_ids, labels, mask, loss, computed)
         scorer.end_step()  # collective: the EMA update from the computed targets

@@ -5,7 +5,9 @@
 
 A checkpoint holds the model, the optimizer (distributed or not), the LR
 schedule, the training state (iteration, consumed samples, token counters), every
-rank's RNG state and the ReGATE state (EMA shards, vocabulary EMA); the model's
+rank's RNG state and, inside the model's own sharded state, the ReGATE state (EMA shards,
+vocabulary EMA: `regate_megatron.megatron_lm.carry_regate_state`, the path a Megatron-LM
+run's checkpoint takes too); the model's
 architecture flags are stored in its common state so a consumer (the teacher in
 `regate-precompute-ref`) can rebuild it. A save goes to `iter_N.tmp` and is
 renamed into place only when every rank has finished; the pointer moves after
@@ -41,6 +43,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from regate_megatron.megatron_lm.state import PREFIX as REGATE_PREFIX
 from regate_megatron.training.guard import check_params_finite
 from regate_megatron.training.optimizer_state import (
     distributed_optimizer_sharded_state_dict,
@@ -188,7 +191,7 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)
 
 
-def _sharded_state(model: List[torch.nn.Module], optimizer, sharding_type: str, scorer,
+def _sharded_state(model: List[torch.nn.Module], optimizer, sharding_type: str,
                    is_loading: bool) -> dict:
     """The sharded part of a checkpoint (same layout for save and load)."""
     if len(model) != 1:
@@ -202,8 +205,6 @@ def _sharded_state(model: List[torch.nn.Module], optimizer, sharding_type: str, 
             )
         else:
             state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-    if scorer is not None:
-        state["regate"] = scorer.sharded_state_dict()
     return state
 
 
@@ -213,7 +214,6 @@ def save_checkpoint(
     model: List[torch.nn.Module],
     optimizer=None,
     scheduler=None,
-    scorer=None,
     *,
     common: Optional[dict] = None,
     sharding_type: str = "fully_reshardable",
@@ -229,7 +229,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
         os.makedirs(tmp)
     dist.barrier()
-    state = _sharded_state(model, optimizer, sharding_type, scorer, is_loading=False)
+    state = _sharded_state(model, optimizer, sharding_type, is_loading=False)
     state.update(common or {})
     state["iteration"] = iteration
     state.setdefault("world_size", dist.get_world_size())
@@ -259,15 +259,15 @@ def load_checkpoint(
     model: List[torch.nn.Module],
     optimizer=None,
     scheduler=None,
-    scorer=None,
     *,
     sharding_type: str = "fully_reshardable",
 ) -> Dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the common state (iteration, ...)."""
     path = _checkpoint_dir(root)
     common = dist_checkpointing.load_common_state_dict(path)
-    state = _sharded_state(model, optimizer, sharding_type, scorer, is_loading=True)
-    if "regate" in state and "regate_state" not in common:
+    state = _sharded_state(model, optimizer, sharding_type, is_loading=True)
+    carries_regate = any(key.startswith(REGATE_PREFIX) for key in state["model"])
+    if carries_regate and "regate_state" not in common:
         raise ValueError(
             f"{path} was written by a run without --regate; resume it without --regate or "
             f"start a new --save directory"
@@ -293,8 +293,6 @@ def load_checkpoint(
             fix_optimizer_step_after_load(optimizer)
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
-    if scorer is not None:
-        scorer.load_state_dict(loaded["regate"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return common

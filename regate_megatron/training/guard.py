@@ -54,8 +54,8 @@ def check_step_finite(
 ) -> None:
     """Raise `NonFiniteError` on every rank if any rank saw a non-finite loss or gradient.
 
-    records:     this rank's (batch, per-token loss [b, s], computed mask [b, s]) per
-                 micro-batch, in micro-batch order (empty off the last pipeline stage).
+    records:     this rank's (per-token loss [b, s], computed mask [b, s]) per micro-batch,
+                 in micro-batch order (`regate_loss`'s records; empty off the loss rank).
     slot_offset: index in `global_ids` of this rank's first sample (dp_rank x per-rank).
     contributes: whether this rank's losses count (last pipeline stage, TP rank 0), so every
                  loss is counted once.
@@ -67,7 +67,7 @@ def check_step_finite(
     payload = torch.zeros(4 + len(global_ids), dtype=torch.float64, device=device)
     if contributes:
         slot = slot_offset
-        for _batch, loss, computed in records:
+        for loss, computed in records:
             mask = computed.bool()
             # [b, s] -> [b]: a row is bad if a computed target's loss is NaN/inf
             bad_rows = (~torch.isfinite(loss) & mask).any(dim=1)

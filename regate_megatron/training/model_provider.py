@@ -3,8 +3,9 @@
 In the spirit of Megatron-LM's `model_provider`: `build_model(args, vocab_size)` turns the
 namespace of `regate_megatron.training.arguments` into the student (`ReGateLLaVAModel`) or,
 with `--text-only`, a `ReGateGPTModel` (the teacher), using the configs of
-`regate_megatron.training.model_config`. The model classes themselves live in
-`regate_megatron.core`.
+`regate_megatron.training.model_config`. Megatron-Core's own `LLaVAModel` / `GPTModel` is
+built with the ReGATE decoder block spec and made routable by
+`regate_megatron.megatron_lm.adopt_llava`, exactly as a patched Megatron-LM provider does.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Optional
 
 from megatron.core import parallel_state as ps
 from megatron.core.enums import ModelType
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.models.multimodal.llava_model import LLaVAModel
 
 from regate_megatron.config import ReGateConfig
-from regate_megatron.core.mllm import ReGateLLaVAModel
-from regate_megatron.core.model import ReGateGPTModel
 from regate_megatron.core.spec import get_regate_decoder_block_spec, resolve_backend
+from regate_megatron.megatron_lm.model import adopt_llava
 from regate_megatron.training.model_config import (
     language_config,
     projection_config,
@@ -80,8 +82,9 @@ def build_model(
     post_process: Optional[bool] = None,
     regate_config: Optional[ReGateConfig] = None,
 ):
-    """One pipeline stage of the student (`ReGateLLaVAModel`) or, with `--text-only`, of a
-    `ReGateGPTModel`. Both equal stock Megatron-Core when no selection is routed."""
+    """One pipeline stage of the student (a `ReGateLLaVAModel`) or, with `--text-only`, of a
+    `ReGateGPTModel`: Megatron-Core's model with the ReGATE block spec, adopted by
+    `adopt_llava`. Both equal stock Megatron-Core when no selection is routed."""
     pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
     backend = resolve_backend(spec_backend(args))
@@ -92,19 +95,20 @@ def build_model(
         pre_process=pre_process,
         post_process=post_process,
     )
+    regate_config = regate_config or ReGateConfig()
     if args.text_only:
-        return ReGateGPTModel(
+        return adopt_llava(GPTModel(
             config=config,
             transformer_layer_spec=layer_spec,
             vocab_size=vocab_size,
             max_sequence_length=args.max_position_embeddings,
             position_embedding_type=args.position_embedding_type,
             rotary_base=args.rotary_base,
-            regate_config=regate_config,
             **common,
-        )
-    model = ReGateLLaVAModel(**llava_kwargs(args, vocab_size, config, layer_spec, backend, common),
-                             regate_config=regate_config)
+        ), regate_config)
+    model = adopt_llava(
+        LLaVAModel(**llava_kwargs(args, vocab_size, config, layer_spec, backend, common)),
+        regate_config)
     # The schedules read model_type; the vision encoder lives on the first pipeline stage.
     model.model_type = ModelType.encoder_or_decoder
     if args.freeze_ViT or args.freeze_LM:

@@ -4,12 +4,14 @@
     model (+ DDP) -> optimizer, LR schedule -> scorer -> (resume) -> train loop -> final save
     (`Run.setup` lists the build steps in order).
 
-One step of the loop, top to bottom:
+One step of the loop, top to bottom (with --regate, score -> micro -> guard -> EMA is one
+call of `regate_megatron.megatron_lm.ReGateForwardBackward`, the object a patched
+Megatron-LM ``pretrain()`` runs too):
     schedule  rho_t = keep_ratio_at(step); this step's global batch (deterministic)
     score     one EMA lookup for the global batch; per micro-batch selection on the
               model-parallel group's first rank, broadcast to the whole TP x PP group
-    micro     Megatron-Core's forward/backward schedule; loss summed over computed
-              target tokens and normalised per token across the global batch
+    micro     Megatron-Core's forward/backward schedule; loss (`regate_loss`) summed over
+              computed target tokens and normalised per token across the global batch
     guard     one all-reduce: a NaN/inf loss or gradient on any rank stops every rank here,
               before the EMA update and the optimizer step (--check-for-nan-in-loss-and-grad)
     step      EMA update (one exchange) + optimizer step + LR schedule
@@ -37,11 +39,19 @@ from megatron.core import parallel_state as ps
 
 from regate_megatron.core.mllm import llava_inputs
 from regate_megatron.core.roles import is_logging_rank, is_loss_rank, is_selection_source
-from regate_megatron.core.selection import TokenSelection, broadcast_selections
+from regate_megatron.core.selection import TokenSelection
 from regate_megatron.data.layout import num_image_tokens
 from regate_megatron.data.llava import ConversationDataset, collate
 from regate_megatron.data.sampler import batch_positions, local_microbatch_positions
 from regate_megatron.data.tokenizer import SentencePieceTokenizer
+from regate_megatron.megatron_lm import (
+    ReGateForwardBackward,
+    ReGateState,
+    StepInfo,
+    carry_regate_state,
+    expanded_view,
+    regate_loss,
+)
 from regate_megatron.scoring.teacher import teacher_inputs
 from regate_megatron.training.arguments import parse_args
 from regate_megatron.training.guard import check_grad_norm_finite, check_step_finite
@@ -85,6 +95,13 @@ class Run:
         self.consumed_samples = 0  # the data position: a property of the run, not of DP size
         self.counters = dict(target_tokens=0.0, kept_target_tokens=0.0, layer_tokens=0.0,
                              dense_layer_tokens=0.0, train_seconds=0.0)
+        self.regate_state: Optional[ReGateState] = None  # --regate: the scorer, in the model
+        self.teacher_wait_s = 0.0
+
+    @property
+    def scorer(self):
+        """The ReGATE scorer (None without --regate); held by the model's `ReGateState`."""
+        return None if self.regate_state is None else self.regate_state.scorer
 
     # ------------------------------------------------------------------ build
     def setup(self) -> "Run":
@@ -99,9 +116,11 @@ class Run:
         self._init_parallel(world)             # TP x PP x DP, device, seed
         for note in notes:
             log0(note)
-        self._build_model()                    # build + pretrained weights + bf16 + DDP
+        self._build_model()                    # build + pretrained weights + EMA state + bf16 + DDP
         self._build_optimizer()                # optimizer + LR schedule + config hooks
-        self.scorer = self._build_scorer() if args.regate.enabled else None
+        if args.regate.enabled:
+            self.regate_state.attach(self._build_scorer())  # scorer (EMA table) in the model
+        self.forward_backward = self._build_step()  # the schedule, wrapped with --regate
         if self.resuming:
             self._resume()                     # model, optimizer, schedule, EMA, data position
         if self.channel is not None and is_logging_rank():
@@ -186,6 +205,9 @@ class Run:
         self.config = module.config
         if args.language_model_checkpoint or args.vision_model_checkpoint:
             self._load_pretrained(module)
+        if args.regate.enabled:  # the EMA table travels in the model's checkpoint state
+            self.regate_state = ReGateState(replicated=False)  # torch_dist: DP-sharded
+            carry_regate_state(module, self.regate_state)
         if args.bf16:  # as Megatron-LM: parameters in bf16, fp32 inputs/outputs cast at the ends
             from megatron.core.transformer.module import Float16Module
 
@@ -290,7 +312,6 @@ class Run:
     def _build_scorer(self):
         from regate_megatron.scoring.scorer import ReGateScorer
 
-        self.scorer_records_losses = is_loss_rank()
         return ReGateScorer(
             self.args.regate, self.store, self.tokenizer.vocab_size, group=dist.group.WORLD,
             dp_rank=self.dp_rank, dp_size=self.dp_size,
@@ -300,8 +321,9 @@ class Run:
     def _resume(self) -> None:
         from regate_megatron.training.checkpoint import load_checkpoint
 
+        # The EMA table comes with the model's state (`carry_regate_state`).
         common = load_checkpoint(self.args.load, self.model, self.optimizer, self.scheduler,
-                                 self.scorer, sharding_type=self.args.distrib_optim_sharding_type)
+                                 sharding_type=self.args.distrib_optim_sharding_type)
         # The optimizer's saved param groups carry the old max/min lr (read by the scheduler):
         # the reconciled flags win (`resume.reconcile`), the step count is the checkpoint's.
         for group in self.optimizer.param_groups:
@@ -324,8 +346,7 @@ class Run:
         if self.scorer is not None:
             common["regate_state"] = True
         save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                        self.scorer, common=common,
-                        sharding_type=self.args.distrib_optim_sharding_type)
+                        common=common, sharding_type=self.args.distrib_optim_sharding_type)
         log0(f"saved iteration {self.iteration} to {self.args.save}")
 
     def _print_plan(self) -> None:
@@ -373,76 +394,77 @@ class Run:
         return llava_inputs(batch, self.image_tokens, self.config.params_dtype), None
 
     # ------------------------------------------------------------------ one step
+    def _build_step(self):
+        """Megatron-Core's schedule; with --regate wrapped in `ReGateForwardBackward` (the
+        object the Megatron-LM hook installs): the teacher's losses before the EMA lookup,
+        the NaN/inf guard after the schedule and before the EMA update."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        inner = get_forward_backward_func()
+        if not self.args.regate.enabled:
+            return inner
+        return ReGateForwardBackward(
+            inner, self.regate_state, expanded_view, img_seq_len=self.image_tokens,
+            max_length=self.args.seq_length, step_of=lambda: self.iteration,
+            before_step=self._wait_for_teacher if self.channel is not None else None,
+            after_schedule=lambda info: self._check_finite(info.records, info.global_ids,
+                                                           info.local_slice.start))
+
+    def _wait_for_teacher(self, step: int) -> None:
+        """The online teacher's losses of this global batch (selection sources read them)."""
+        self.teacher_wait_s = self.store.fetch(step) if is_selection_source() else 0.0
+        if is_logging_rank():
+            self.channel.ack(step, self.teacher_replicas)  # the teacher goes on to step + 1
+
+    def _check_finite(self, records, global_ids, slot_offset: int) -> None:
+        """--check-for-nan-in-loss-and-grad: collective; every rank stops at this step or none
+        does, before the EMA update and the optimizer step."""
+        if self.args.check_for_nan_in_loss_and_grad:
+            check_step_finite(self.iteration + 1, records, slot_offset,
+                              [int(i) for i in global_ids], self.model,
+                              self.optimizer.param_groups[0]["lr"], contributes=is_loss_rank())
+
     def forward_step(self, data_iterator, model, records: list):
-        """Megatron `forward_step_func`: one micro-batch forward; the loss function returns
-        (loss summed over computed targets, computed target count, reduced stats)."""
-        batch, selection = next(data_iterator)
-        batch = batch.to(self.device)  # selections arrive on self.device (broadcast_selections)
+        """Megatron `forward_step_func`: one micro-batch forward. Its loss function is
+        `regate_loss` over every target (a dense selection); under `ReGateForwardBackward`
+        the step's selection routes the forward and `regate_loss` uses it instead."""
+        batch = next(data_iterator).to(self.device)  # selections live on self.device too
         inputs, text_mask = self.model_inputs(batch)
-        output = model(**inputs, token_selection=selection)
+        output = model(**inputs)
         if isinstance(output, tuple):
             loss, loss_mask = output  # LLaVA: [b, s] loss and the combined-sequence loss mask
         else:
             loss, loss_mask = output, text_mask
-
-        def loss_func(output_tensor):
-            computed = loss_mask.bool()
-            if selection is not None:
-                computed = computed & selection.computed_loss_mask()
-            total = computed.sum()
-            loss_sum = (output_tensor.float() * computed).sum()
-            records.append((batch, output_tensor.detach().float(), computed))
-            stats = torch.stack([loss_sum.detach(), total.float()])
-            return loss_sum, total.int(), {"lm loss": stats}
-
-        return loss, loss_func
-
-    def select(self, step: int, batches, global_ids) -> List[Optional[TokenSelection]]:
-        """Per micro-batch selections, identical on every rank of the TP x PP group."""
-        if self.scorer is None:
-            return [None] * len(batches)
-        lookup = is_selection_source()
-        if self.channel is not None:  # the teacher ranks' losses of this global batch
-            self.teacher_wait_s = self.store.fetch(step) if lookup else 0.0
-            if is_logging_rank():
-                self.channel.ack(step, self.teacher_replicas)  # the teacher goes on to step + 1
-        self.scorer.begin_step(step, global_ids)  # collective: EMA lookup for the global batch
-        selections = None
-        if lookup:
-            selections = [self.scorer.select(b.sample_ids, b.labels, b.loss_mask) for b in batches]
-        # Sync point: the model-parallel group receives its first rank's selections.
-        return broadcast_selections(selections, ps.get_model_parallel_group(), device=self.device)
+        # Off the last pipeline stage there is no loss mask and the loss function is not called.
+        dense = None if loss_mask is None else TokenSelection.dense(loss_mask.bool())
+        return loss, partial(regate_loss, dense, records)
 
     def train_step(self) -> dict:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        args, step = self.args, self.iteration
+        args = self.args
         start = time.perf_counter()
         batches, global_ids = self.micro_batches()
-        selections = self.select(step, batches, global_ids)
-        records: list = []
+        records: list = []  # dense runs: (per-token loss, computed mask) per micro-batch
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        get_forward_backward_func()(
+        lr = self.optimizer.param_groups[0]["lr"]
+        # --regate: select -> schedule -> guard -> EMA update, in ReGateForwardBackward
+        self.forward_backward(
             forward_step_func=partial(self.forward_step, records=records),
-            data_iterator=iter(list(zip(batches, selections))),
+            data_iterator=iter(batches),
             model=self.model,
             num_microbatches=args.num_microbatches,
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
             forward_only=False,
         )
-        lr = self.optimizer.param_groups[0]["lr"]
-        if args.check_for_nan_in_loss_and_grad:  # collective: all ranks stop at this step or none
-            check_step_finite(step + 1, records, self.dp_rank * (len(global_ids) // self.dp_size),
-                              global_ids, self.model, lr, contributes=is_loss_rank())
-        if self.scorer is not None:
-            if self.scorer_records_losses:
-                for batch, loss, computed in records:
-                    self.scorer.record(batch.sample_ids, batch.labels, batch.loss_mask, loss,
-                                       computed)
-            self.scorer.end_step()  # collective: EMA update from the computed tokens
+        if self.scorer is None:
+            selections = [None] * len(batches)
+            share = len(global_ids) // self.dp_size
+            self._check_finite(records, global_ids, self.dp_rank * share)
+        else:
+            info: StepInfo = self.forward_backward.last
+            selections, records = info.selections, info.records
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -459,10 +481,12 @@ class Run:
         span = args.regate.layer_span(args.num_layers)
         routed = span[1] - span[0]
         if contributes:
-            for (batch, loss, computed), selection in zip(records, selections):
+            for batch, (loss, computed), selection in zip(batches, records, selections,
+                                                          strict=True):
                 targets = float(batch.loss_mask.sum())
                 kept = targets if selection is None else float(
-                    (batch.loss_mask.bool() & selection.target_mask & selection.keep_mask()).sum())
+                    (batch.loss_mask.bool().to(computed.device) & selection.target_mask
+                     & selection.keep_mask()).sum())
                 seq_tokens = batch.tokens.numel()
                 kept_tokens = (seq_tokens if selection is None
                                else float((selection.keep_index >= 0).sum()))
