@@ -6,23 +6,37 @@ Builds (or reuses) a digits-VQA workspace (data, tokenizer, a short text-only te
 its reference-loss store; any `regate-demo` / `regate-ablate` workdir will do), then sets up
 two `regate-train` runs in this process with the demo's student flags: dense, and ReGATE
 (cyclic schedule, rho_min 0.3, 1 dense step per 10). It advances them in alternation, one
-step each, so load drift on a shared machine hits both alike, and times every phase of
-`Run.train_step` by calling the Run's own pieces in the same order:
+step each, so load drift on a shared machine hits both alike. Each step is the real
+`Run.train_step` (with --regate: its `ReGateForwardBackward`); for the duration of that call
+only, the methods the step calls are wrapped with timers (and restored afterwards), and each
+phase gets its own time minus any timed phase nested inside it:
 
     data        global batch positions, dataset reads and collate   (Run.micro_batches)
-    lookup      the EMA lookup for the global batch                 (ReGateScorer.begin_step)
-    selection   scores + top-k per micro-batch                      (ReGateScorer.select)
-    broadcast   selections to the model-parallel group              (broadcast_selections)
-    fwd/bwd     Megatron-Core's forward/backward schedule           (incl. the router)
-    ema         record + the EMA update exchange                    (record, end_step)
-    optimizer   optimizer step + LR schedule
+    lookup      the global batch's sample ids (one all-reduce) and
+                the EMA lookup                                      (ReGateForwardBackward
+                                                                     ._global_ids,
+                                                                     ReGateScorer.begin_step)
+    selection   combined-sequence targets, scores + top-k per
+                micro-batch                                         (the wrapper's view,
+                                                                     expand_targets,
+                                                                     ReGateScorer.select)
+    broadcast   selections to the model-parallel group              (broadcast_selections as
+                                                                     megatron_lm.step calls it)
+    fwd/bwd     Megatron-Core's forward/backward schedule, incl.   (the inner schedule
+                the routed forward and `regate_loss`                 function)
+    ema         record + the EMA update exchange                    (ReGateScorer.record,
+                                                                     end_step)
+    optimizer   optimizer step + LR schedule                        (optimizer.step,
+                                                                     scheduler.step)
     metrics     the step's metrics reduction                        (Run._step_metrics)
+    other       the rest of `Run.train_step`: gradient zeroing, the NaN/inf guard hook,
+                the wrapper's own glue
 
 Prints the mean milliseconds per phase over ``--steps`` measured steps (after ``--warmup``)
 for both runs, the ratio ReGATE/dense per phase, and ReGATE's bookkeeping (lookup +
-selection + broadcast + ema) as a share of its step; the last line is machine-readable.
-``--steps`` should cover whole schedule cycles (10 steps) so dense and sparse ReGATE steps
-are weighed as in training.
+selection + broadcast + ema) as a share of its step (the whole `Run.train_step` call); the
+last line is machine-readable. ``--steps`` should cover whole schedule cycles (10 steps) so
+dense and sparse ReGATE steps are weighed as in training.
 """
 
 from __future__ import annotations
@@ -32,80 +46,104 @@ import os
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from functools import partial
+from contextlib import ExitStack, contextmanager
+from functools import wraps
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHASES = ("data", "lookup", "selection", "broadcast", "fwd/bwd", "ema", "optimizer", "metrics")
+PHASES = ("data", "lookup", "selection", "broadcast", "fwd/bwd", "ema", "optimizer", "metrics",
+          "other")
 BOOKKEEPING = ("lookup", "selection", "broadcast", "ema")
 
 
 class PhaseTimer:
-    """Wall seconds per named phase, summed over steps."""
+    """Exclusive wall seconds per named phase, summed over steps: a phase nested inside
+    another (timed) phase is charged to itself only, not to its parent too."""
 
     def __init__(self):
         self.seconds = defaultdict(float)
+        self._stack: list = []  # [phase, start, seconds of timed phases nested inside]
 
     @contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        frame = [phase, time.perf_counter(), 0.0]
+        self._stack.append(frame)
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - start
+            self._stack.pop()
+            elapsed = time.perf_counter() - frame[1]
+            self.seconds[phase] += elapsed - frame[2]
+            if self._stack:
+                self._stack[-1][2] += elapsed
 
 
-def timed_train_step(run, timer: PhaseTimer) -> dict:
-    """`Run.train_step`, phase by phase (the same calls, in the same order)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+@contextmanager
+def _patched(owner, name: str, phase: str, timer: PhaseTimer):
+    """``owner.name`` timed as ``phase`` until exit, then exactly as it was (an instance
+    attribute put back or removed, a module attribute put back)."""
+    original = getattr(owner, name)
+    had_own = name in vars(owner)
+    own = vars(owner).get(name)
 
-    from regate_megatron.core.selection import broadcast_selections
+    @wraps(original)
+    def timed(*args, **kwargs):
+        with timer(phase):
+            return original(*args, **kwargs)
 
-    args, step = run.args, run.iteration
-    start = time.perf_counter()
-    with timer("data"):
-        batches, global_ids = run.micro_batches(step)
-    if run.scorer is None:
-        selections = [None] * len(batches)
-    else:
-        with timer("lookup"):
-            run.scorer.begin_step(step, global_ids)
-        with timer("selection"):
-            selections = None
-            if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
-                selections = [run.scorer.select(b.sample_ids, b.labels, b.loss_mask)
-                              for b in batches]
-        with timer("broadcast"):
-            selections = broadcast_selections(selections, ps.get_model_parallel_group())
-    records: list = []
-    with timer("fwd/bwd"):
-        for chunk in run.model:
-            chunk.zero_grad_buffer()
-        run.optimizer.zero_grad()
-        get_forward_backward_func()(
-            forward_step_func=partial(run.forward_step, records=records),
-            data_iterator=iter(list(zip(batches, selections, strict=True))), model=run.model,
-            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=False,
-        )
-    if run.scorer is not None:
-        with timer("ema"):
-            if run.scorer_records_losses:
-                for batch, loss, computed in records:
-                    run.scorer.record(batch.sample_ids, batch.labels, batch.loss_mask, loss,
-                                      computed)
-            run.scorer.end_step()
-    with timer("optimizer"):
-        ok, grad_norm, _ = run.optimizer.step()
-        if ok:
-            run.scheduler.step(increment=1)
-    run.iteration += 1
-    with timer("metrics"):
-        return run._step_metrics(batches, selections, records, grad_norm,
-                                 time.perf_counter() - start)
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(owner, name, own)
+        else:
+            delattr(owner, name)
+
+
+@contextmanager
+def instrumented(run, timer: PhaseTimer):
+    """Wrap, for one `Run.train_step` call, the methods it reaches with phase timers."""
+    import regate_megatron.megatron_lm.step as step_module
+
+    with ExitStack() as stack:
+        def patch(owner, name, phase):
+            stack.enter_context(_patched(owner, name, phase, timer))
+
+        patch(run, "micro_batches", "data")
+        patch(run, "_step_metrics", "metrics")
+        patch(run.optimizer, "step", "optimizer")
+        patch(run.scheduler, "step", "optimizer")
+        wrapper = run.forward_backward
+        if run.scorer is None:  # dense: the schedule is Megatron-Core's function itself
+            patch(run, "forward_backward", "fwd/bwd")
+        else:  # ReGATE: the `ReGateForwardBackward` around it
+            if not isinstance(wrapper, step_module.ReGateForwardBackward):
+                raise TypeError(f"expected ReGateForwardBackward, got {type(wrapper)!r}")
+            patch(wrapper, "inner", "fwd/bwd")
+            patch(wrapper, "_global_ids", "lookup")
+            patch(wrapper, "view", "selection")
+            patch(step_module, "expand_targets", "selection")
+            patch(step_module, "broadcast_selections", "broadcast")
+            scorer = run.scorer
+            patch(scorer, "begin_step", "lookup")
+            patch(scorer, "select", "selection")
+            patch(scorer, "record", "ema")
+            patch(scorer, "end_step", "ema")
+        yield
+
+
+def timed_train_step(run, timer: PhaseTimer) -> float:
+    """One real `Run.train_step`, phases timed; returns its wall seconds (untimed phases of
+    the step go to "other")."""
+    with instrumented(run, timer):
+        before = sum(timer.seconds.values())
+        start = time.perf_counter()
+        run.train_step()
+        seconds = time.perf_counter() - start
+    timer.seconds["other"] += seconds - (sum(timer.seconds.values()) - before)
+    return seconds
 
 
 def ensure_workspace(work: str, teacher_steps: int) -> None:
@@ -158,10 +196,9 @@ def main(argv=None) -> int:
     for i in range(args.warmup + args.steps):
         for name, run in runs.items():  # alternate: drift hits both alike
             timer = timers[name] if i >= args.warmup else PhaseTimer()
-            start = time.perf_counter()
-            timed_train_step(run, timer)
+            seconds = timed_train_step(run, timer)
             if i >= args.warmup:
-                totals[name] += time.perf_counter() - start
+                totals[name] += seconds
 
     n = args.steps
     ms = {name: {ph: 1e3 * timers[name].seconds.get(ph, 0.0) / n for ph in PHASES}
