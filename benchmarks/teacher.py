@@ -70,20 +70,19 @@ def main() -> None:
     data = build_digits_vqa(os.path.join(work, "data"))
     tok = train_sentencepiece(data["corpus"], os.path.join(work, "tok"), vocab_size=256)
     common = ["--data-path", data["train"], "--tokenizer-model", tok, *MODEL]
-    _run("regate_megatron.training.train", [*common, "--text-only", "--train-iters", "2",
-                                   "--save", "teacher"], work)
-    _run("regate_megatron.tools.precompute", ["--data-path", data["train"], "--tokenizer-model",
-                                              tok,
-                                        "--load", "teacher", "--output", "store", *DIGITS_LAYOUT,
-                                        "--no-progress"], work)
+    _run("regate_megatron.training.train",
+         [*common, "--text-only", "--train-iters", "2", "--save", "teacher"], work)
+    _run("regate_megatron.tools.precompute",
+         ["--data-path", data["train"], "--tokenizer-model", tok, "--load", "teacher",
+          "--output", "store", *DIGITS_LAYOUT, "--no-progress"], work)
     student = [*common, *REGATE, "--train-iters", str(opts.iters),
                "--global-batch-size", str(8 * opts.students)]
-    _run("regate_megatron.training.train", [*student, "--regate-ref-store", "store",
-                                   "--metrics-jsonl", "offline.jsonl"], work, opts.students)
-    _run("regate_megatron.training.train", [*student, "--regate-teacher-ranks",
-                                            str(opts.teacher_ranks),
-                                   "--regate-teacher-load", "teacher",
-                                   "--metrics-jsonl", "online.jsonl"],
+    _run("regate_megatron.training.train",
+         [*student, "--regate-ref-store", "store", "--metrics-jsonl", "offline.jsonl"],
+         work, opts.students)
+    _run("regate_megatron.training.train",
+         [*student, "--regate-teacher-ranks", str(opts.teacher_ranks),
+          "--regate-teacher-load", "teacher", "--metrics-jsonl", "online.jsonl"],
          work, opts.students + opts.teacher_ranks)
     offline, online = _steps(os.path.join(work, "offline.jsonl")), _steps(
         os.path.join(work, "online.jsonl"))

@@ -23,7 +23,7 @@ def test_plan_runs_dense_first_and_flags():
     assert by_name["dense-s1"].flags == []
     assert "--regate-ref-store" not in by_name["random-s1"].flags  # random needs no store
     assert by_name["excess-s1"].flags[-4:] == ["--regate-selector", "excess",
-                                              "--regate-ref-store", "store"]
+                                               "--regate-ref-store", "store"]
     weak = by_name["teacher-weak-s2"].flags
     assert weak[weak.index("--regate-ref-store") + 1] == "store_weak"
     assert weak[weak.index("--regate-lambda") + 1] == "0.5"
