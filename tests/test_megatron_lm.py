@@ -256,6 +256,113 @@ def test_step_wrapper_matches_regate_train_step_pp2_dp2():
     assert all(bool(((k != -1).sum(1) < SEQ).all()) for k in results[0]["keep"][0])
 
 
+def _tp_forward_step(poison, data_iterator, model):
+    """A script's forward step at TP2 as ``get_batch`` does it: TP rank 0 reads its iterator,
+    the other TP ranks (no iterator) receive the batch. ``poison`` makes the output NaN."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    box = [next(data_iterator) if data_iterator is not None else None]
+    dist.broadcast_object_list(box, src=ps.get_tensor_model_parallel_src_rank(),
+                               group=ps.get_tensor_model_parallel_group())
+    batch = box[0]
+    pos = torch.arange(SEQ).expand(batch["tokens"].shape[0], SEQ)
+    out = model(batch["tokens"], pos, None, labels=batch["labels"])
+    if poison:
+        out = out * float("nan")
+    return out, None
+
+
+def _tp_checks(rank):
+    """TP2 x DP2: TP rank 1 holds no data iterator; then a NaN step and a re-run step."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from models import build_gpt, full_grads, tiny_config
+
+    config = tiny_config(num_layers=2)
+    regate = ReGateConfig(enabled=True, keep_ratio=0.5, schedule="constant", ema_decay=0.5)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    wrapped_model, ref_model = (build_gpt(config, regate=regate, seed=5) for _ in range(2))
+    state, steps = ReGateState(replicated=False), iter([0, 1, 2, 3, 3])
+    checked = []
+    wrapper = ReGateForwardBackward(get_forward_backward_func(), state, pretrain_vlm_view,
+                                    img_seq_len=1, max_length=SEQ,
+                                    step_of=lambda: next(steps),
+                                    build_scorer=lambda: _scorer(regate),
+                                    check_loss=checked.append)
+    ref_scorer = _scorer(regate)
+    out = {"same": [], "updated": [], "tp_rank": tp_rank, "dp_rank": dp_rank}
+
+    def run(step_batches, poison=False):
+        return wrapper(forward_step_func=partial(_tp_forward_step, poison),
+                       data_iterator=iter(step_batches) if tp_rank == 0 else None,
+                       model=[wrapped_model], num_microbatches=LOCAL_MB, seq_length=SEQ,
+                       micro_batch_size=MBS, forward_only=False)
+
+    for step in range(2):
+        batches, _ = _step_batches(step, dp_rank, dp_size)
+        global_ids = sum((_step_batches(step, r, dp_size)[1] for r in range(dp_size)), [])
+        for m in (wrapped_model, ref_model):
+            m.zero_grad()
+        losses = run(batches)
+        ref_losses, ref_sel = _reference_step(ref_model, ref_scorer, step, batches, global_ids)
+        a, b = full_grads(wrapped_model), full_grads(ref_model)
+        out["same"].append(
+            all(torch.equal(x["lm loss"], y["lm loss"]) for x, y in zip(losses, ref_losses))
+            and all(torch.equal(a[k], b[k]) for k in a)
+            and all(torch.equal(s.keep_index, r.keep_index)
+                    for s, r in zip(wrapper.last_selections, ref_sel, strict=True)))
+        out["updated"].append(wrapper.last.ema_updated)
+    out["ema_equal"] = torch.equal(*[torch.nan_to_num(t, nan=-1.0)
+                                     for t in (state.scorer.ema.values, ref_scorer.ema.values)])
+    out["checked"] = len(checked)
+    ema = state.scorer.ema
+    before = (ema.values.clone(), ema.vocab_ema.clone())
+    # step 2: DP rank 1's losses are NaN -> no rank folds the step in
+    run(_step_batches(2, dp_rank, dp_size)[0], poison=dp_rank == 1)
+    out["updated"].append(wrapper.last.ema_updated)
+    out["nan_step_unchanged"] = all(torch.equal(torch.nan_to_num(x, nan=-1.0),
+                                                torch.nan_to_num(y, nan=-1.0))
+                                    for x, y in zip(before, (ema.values, ema.vocab_ema)))
+    # step 3, then step 3 again (Megatron-LM's rerun of a step): folded in once
+    for _ in range(2):
+        run(_step_batches(3, dp_rank, dp_size)[0])
+        out["updated"].append(wrapper.last.ema_updated)
+    out["skipped"] = ema.skipped_updates
+    return out
+
+
+def test_step_wrapper_at_tp2_without_iterator_nan_step_and_rerun():
+    results = run_world(_tp_checks, 4, tp=2)
+    assert sorted((r["tp_rank"], r["dp_rank"]) for r in results) == [(0, 0), (0, 1), (1, 0),
+                                                                      (1, 1)]
+    for r in results:
+        assert r["same"] == [True, True] and r["ema_equal"]
+        # the ReGATE loss of every micro-batch went through check_loss (every TP rank
+        # computes the loss at PP1)
+        assert r["checked"] == 2 * LOCAL_MB
+        assert r["updated"] == [True, True, False, True, False]
+        assert r["nan_step_unchanged"] and r["skipped"] == 1
+
+
+def test_loss_checks_follow_megatron_lm_flags(megatron_world):
+    """The checks the script's loss function made, for the ReGATE loss: NaN/inf raise
+    (the rerun state machine, mode disabled), a finite loss passes, both flags off -> None."""
+    import argparse
+
+    from regate_megatron.megatron_lm.hooks import loss_checks
+
+    assert loss_checks(argparse.Namespace(check_for_nan_in_loss_and_grad=False,
+                                          check_for_spiky_loss=False)) is None
+    check = loss_checks(argparse.Namespace(check_for_nan_in_loss_and_grad=True,
+                                           check_for_spiky_loss=False))
+    check(torch.tensor(3.0))
+    for bad, what in ((float("nan"), "NaN"), (float("inf"), "Inf")):
+        with pytest.raises(RuntimeError, match=f"found {what} in local forward loss"):
+            check(torch.tensor(bad))
+
+
 # ---------------------------------------------------------------- EMA in the checkpoint
 def _state_model(replicated: bool, fill: bool):
     from megatron.core import parallel_state as ps

@@ -117,6 +117,37 @@ def test_ema_table_first_observation_decay_and_duplicates():
     assert _same(table.vocab_ema, vocab)
 
 
+def test_ema_leaves_out_a_step_with_a_non_finite_computed_loss():
+    """A NaN/inf at a computed target leaves the whole step out (both EMAs unchanged); a
+    NaN at a target that was not computed is ignored; the step after updates normally."""
+    table = EmaTable(np.array([0, 2, 3]), vocab_size=4, decay=0.5)
+    layout = table.layout([0, 1])
+    labels = torch.tensor([1, 2, 3])
+    assert table.update(layout, _t([2, 4, 6]), torch.tensor([True, True, True]), labels)
+    before = (table.values.clone(), table.vocab_ema.clone())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not table.update(layout, _t([bad, 8, 8]), torch.tensor([True, True, True]),
+                                labels)
+        assert _same(table.values, before[0]) and _same(table.vocab_ema, before[1])
+    assert table.skipped_updates == 3
+    assert table.update(layout, _t([NAN, 8, 10]), torch.tensor([False, True, True]), labels)
+    assert _same(table.values, _t([2, 6, 8]))
+    assert _same(table.vocab_ema, _t([NAN, 2, 6, 8]))
+    # The scorer records such a step without raising and reports it from end_step.
+    store, ids, labels2, loss_mask = _fallback_batch()
+    scorer = ReGateScorer(_cfg(), store, vocab_size=8)
+    scorer.begin_step(0, ids)
+    losses = torch.full((2, 5), NAN)
+    scorer.record(ids, labels2, loss_mask, losses, loss_mask.bool())
+    assert scorer.end_step() is False and torch.isnan(scorer.ema.values).all()
+    scorer.begin_step(1, ids)
+    scorer.record(ids, labels2, loss_mask, torch.ones(2, 5), loss_mask.bool())
+    assert scorer.end_step(update=False) is False and torch.isnan(scorer.ema.values).all()
+    scorer.begin_step(2, ids)
+    scorer.record(ids, labels2, loss_mask, torch.ones(2, 5), loss_mask.bool())
+    assert scorer.end_step() is True and bool((scorer.ema.values == 1.0).all())
+
+
 @pytest.mark.parametrize("decay,expected", [(0.75, 0.75 * 4 + 0.25 * 8), (0.0, 8.0)])
 def test_ema_decay_weights_the_old_value(decay, expected):
     table = EmaTable(np.array([0, 1]), vocab_size=2, decay=decay)

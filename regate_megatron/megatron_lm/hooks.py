@@ -9,6 +9,7 @@ idempotent (a marker attribute), wraps the original, and does nothing until
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -20,7 +21,7 @@ from regate_megatron.megatron_lm.model import adopt_llava, regate_layer_spec
 from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
 
 __all__ = ["install", "language_layer_spec", "adopt_model", "with_sample_ids", "current",
-           "routable_spec_factory", "adopting_provider"]
+           "loss_checks", "routable_spec_factory", "adopting_provider"]
 
 
 class _Run:
@@ -115,20 +116,40 @@ def _target_layout(args, run: _Run):
 
 
 def _build_scorer(args, run: _Run):
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    return run.state.build_scorer(check_args(args), _target_layout(args, run),
+                                  args.padded_vocab_size, seed=args.seed)
 
-    from regate_megatron.core.roles import is_loss_rank, is_selection_source
-    from regate_megatron.scoring.scorer import ReGateScorer
 
-    replicated = run.state.replicated
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    return ReGateScorer(
-        check_args(args), _target_layout(args, run), args.padded_vocab_size,
-        group=dist.group.WORLD, dp_rank=0 if replicated else dp_rank,
-        dp_size=1 if replicated else dp_size,
-        lookup_source=is_selection_source() and (dp_rank == 0 or not replicated),
-        loss_source=is_loss_rank(), seed=args.seed)
+SPIKY_LOSS_FACTOR = 10  # a loss this many times the running maximum is a spike (as pretrain_gpt)
+
+
+def loss_checks(args):
+    """The checks a Megatron-LM script's own loss function makes on a micro-batch's loss
+    (``--check-for-nan-in-loss-and-grad``, ``--check-for-spiky-loss``), through the rerun
+    state machine, for the ReGATE loss that replaces it; None when both are off."""
+    import torch
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    nan, spiky = (getattr(args, name, False) for name in ("check_for_nan_in_loss_and_grad",
+                                                           "check_for_spiky_loss"))
+    if not (nan or spiky):
+        return None
+
+    def check(loss):
+        machine = get_rerun_state_machine()
+        if nan:
+            for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+                machine.validate_result(
+                    result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
+                    message=f"found {what} in local forward loss calculation (ReGATE loss "
+                            f"over the computed targets)")
+        if spiky:
+            machine.validate_result(
+                result=loss, rejection_func=partial(machine.is_unexpectedly_large,
+                                                    threshold=SPIKY_LOSS_FACTOR, context="loss"),
+                message="Spiky loss (ReGATE loss over the computed targets)", tolerance=0.0,
+                fatal=False)
+    return check
 
 
 def install(batch_view: BatchView = pretrain_vlm_view) -> None:
@@ -156,7 +177,7 @@ def install(batch_view: BatchView = pretrain_vlm_view) -> None:
         return ReGateForwardBackward(
             inner, run.state, run.view, img_seq_len=img_seq_len, max_length=max_length,
             pad_to_max_length=padded, step_of=lambda: _args().curr_iteration,
-            build_scorer=lambda: _build_scorer(_args(), run))
+            build_scorer=lambda: _build_scorer(_args(), run), check_loss=loss_checks(margs))
 
     get_forward_backward_func._regate = True
     training.get_forward_backward_func = get_forward_backward_func

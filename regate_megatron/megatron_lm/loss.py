@@ -8,7 +8,7 @@ normalises per computed token, as ``regate-train`` does.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -17,11 +17,13 @@ from regate_megatron.core.selection import TokenSelection
 __all__ = ["regate_loss"]
 
 
-def regate_loss(selection: TokenSelection, records: Optional[List], output_tensor: torch.Tensor):
+def regate_loss(selection: TokenSelection, records: Optional[List], output_tensor: torch.Tensor,
+                check: Optional[Callable[[torch.Tensor], None]] = None):
     """Megatron loss function: ``(loss_sum, computed_count, {"lm loss": [sum, count]})``.
 
     ``output_tensor`` is the model's per-token loss [b, L] in the combined sequence;
-    ``records`` (a list, or None) receives ``(per_token_loss, computed_mask)`` for the EMA.
+    ``records`` (a list, or None) receives ``(per_token_loss, computed_mask)`` for the EMA;
+    ``check`` (or None) is called with the loss sum (Megatron-LM: its NaN/inf/spike checks).
     """
     computed = selection.computed_loss_mask()  # [b, L] bool: kept targets
     if tuple(output_tensor.shape) != tuple(computed.shape):
@@ -33,6 +35,8 @@ def regate_loss(selection: TokenSelection, records: Optional[List], output_tenso
     computed = computed.to(output_tensor.device)
     loss_sum = (output_tensor.float() * computed).sum()
     count = computed.sum()
+    if check is not None:
+        check(loss_sum)
     if records is not None:
         records.append((output_tensor.detach().float(), computed))
     report = torch.stack([loss_sum.detach(), count.float()])

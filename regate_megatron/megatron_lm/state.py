@@ -33,6 +33,23 @@ class ReGateState:
         self.scorer = None
         self._pending: Optional[dict] = None
 
+    def build_scorer(self, config, layout, vocab_size: int, seed: int = 0):
+        """The run's `ReGateScorer` over the world, with this rank's roles (`core.roles`):
+        the EMA sharded over data-parallel ranks, or whole on every rank when replicated.
+        Collective only through what ``layout`` needed to be read."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from regate_megatron.core.roles import is_loss_rank, is_selection_source
+        from regate_megatron.scoring.scorer import ReGateScorer
+
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        return ReGateScorer(
+            config, layout, vocab_size, group=dist.group.WORLD,
+            dp_rank=0 if self.replicated else dp_rank, dp_size=1 if self.replicated else dp_size,
+            lookup_source=is_selection_source() and (dp_rank == 0 or not self.replicated),
+            loss_source=is_loss_rank(), seed=seed)
+
     def attach(self, scorer) -> None:
         """Use ``scorer`` from now on; a state loaded before it existed goes into it now."""
         if self.replicated and scorer.ema.dp_size != 1:

@@ -13,6 +13,9 @@ calls: what must happen outside the 1F1B schedule.
     after     ``after_schedule(info)``, if given: it may raise to stop the step before the
               EMA changes (``regate-train``: the NaN/inf guard)
     ema       the loss rank records the computed targets' losses; ``end_step`` (collective)
+              folds them in, unless a computed loss is NaN/inf on any rank or the step
+              was folded in already (Megatron-LM's rerun state machine runs a step's
+              forward-backward again when a result check fails)
 
 Evaluation (``forward_only=True``) and runs without ``--regate`` go straight to the inner
 schedule. ``regate-train``'s step is this object too (``regate_megatron.training.train``);
@@ -49,6 +52,7 @@ class StepInfo:
     selections:  per micro-batch `TokenSelection` (identical on the model-parallel group).
     records:     per micro-batch ``(per_token_loss [b, L] float, computed_mask [b, L] bool)``
                  on the loss rank (`is_loss_rank`); empty elsewhere.
+    ema_updated: whether the step's losses reached the EMA (set after the schedule).
     """
 
     step: int
@@ -56,6 +60,7 @@ class StepInfo:
     local_slice: slice
     selections: list
     records: List = field(default_factory=list)
+    ema_updated: bool = False
 
 
 class ReGateForwardBackward:
@@ -79,6 +84,8 @@ class ReGateForwardBackward:
         after_schedule: called with the step's `StepInfo` on every rank after the inner
             schedule and before the EMA record/update; raising stops the step with the EMA
             unchanged (e.g. a NaN/inf guard).
+        check_loss: called with each micro-batch's ReGATE loss sum (the script's own loss
+            function, which would check it, is replaced by `regate_loss`).
     """
 
     def __init__(self, inner: Callable, state: ReGateState, view: BatchView, *,
@@ -86,13 +93,16 @@ class ReGateForwardBackward:
                  step_of: Optional[Callable[[], int]] = None,
                  build_scorer: Optional[Callable[[], object]] = None,
                  before_step: Optional[Callable[[int], None]] = None,
-                 after_schedule: Optional[Callable[[StepInfo], None]] = None):
+                 after_schedule: Optional[Callable[[StepInfo], None]] = None,
+                 check_loss: Optional[Callable[[torch.Tensor], None]] = None):
         self.inner, self.state, self.view = inner, state, view
         self.img_seq_len, self.max_length = img_seq_len, max_length
         self.pad_to_max_length = pad_to_max_length
         self.step_of, self.build_scorer = step_of, build_scorer
         self.before_step, self.after_schedule = before_step, after_schedule
+        self.check_loss = check_loss
         self.calls = 0
+        self.folded_step: Optional[int] = None  # the last step whose losses reached the EMA
         self.last: Optional[StepInfo] = None  # the last training step (hooks, metrics)
 
     @property
@@ -142,16 +152,21 @@ class ReGateForwardBackward:
         info = self.last = StepInfo(step, global_ids, local, selections)
         result = self.inner(
             forward_step_func=partial(_routed_forward_step, forward_step_func,
-                                      iter(selections), info.records if loss_rank else None),
+                                      iter(selections), info.records if loss_rank else None,
+                                      self.check_loss),
             data_iterator=None if batches is None else iter(batches),
             model=model, num_microbatches=num_microbatches, forward_only=False, **kwargs)
         if self.after_schedule is not None:
             self.after_schedule(info)
-        if loss_rank:
+        rerun = step == self.folded_step  # the same on every rank: no collective decides it
+        if loss_rank and not rerun:
             for text, (labels, mask), (loss, computed) in zip(texts, targets, info.records,
                                                               strict=True):
                 scorer.record(text.sample_ids, labels, mask, loss, computed)
-        scorer.end_step()  # collective: the EMA update from the computed targets
+        # collective (unless a rerun): the EMA update from the computed targets
+        info.ema_updated = scorer.end_step(update=not rerun)
+        if info.ema_updated:
+            self.folded_step = step
         return result
 
     def _scorer(self):
@@ -185,7 +200,8 @@ def _device_of(model) -> torch.device:
     return next(chunk.parameters()).device
 
 
-def _routed_forward_step(forward_step_func, selections, records, data_iterator, model, *rest):
+def _routed_forward_step(forward_step_func, selections, records, check_loss, data_iterator,
+                         model, *rest):
     """The script's forward step under this micro-batch's selection, with the ReGATE loss."""
     selection = next(selections)
     lm = language_model_of(model)
@@ -194,4 +210,4 @@ def _routed_forward_step(forward_step_func, selections, records, data_iterator, 
     else:
         with lm.selecting(selection):
             output, _ = forward_step_func(data_iterator, model, *rest)
-    return output, partial(regate_loss, selection, records)
+    return output, partial(regate_loss, selection, records, check=check_loss)

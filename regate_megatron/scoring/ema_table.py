@@ -106,6 +106,7 @@ class EmaTable:
         self.group = group
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.lookup_source, self.loss_source = lookup_source, loss_source
+        self.skipped_updates = 0  # steps left out for a non-finite loss (`update`)
         num_values = int(self.offsets[-1])
         self.owned_range: Tuple[int, int] = (
             dp_rank * num_values // dp_size, (dp_rank + 1) * num_values // dp_size
@@ -194,7 +195,7 @@ class EmaTable:
         slot_loss: Optional[torch.Tensor] = None,
         slot_computed: Optional[torch.Tensor] = None,
         slot_label: Optional[torch.Tensor] = None,
-    ) -> None:
+    ) -> bool:
         """Fold one step's computed losses into the EMA.
 
         ``slot_loss`` [G] float, ``slot_computed`` [G] bool, ``slot_label`` [G] int64: the
@@ -203,6 +204,11 @@ class EmaTable:
         its loss; a sample present twice in the batch gets the mean of its two losses
         as one observation; a vocabulary id gets the mean loss of all its computed
         targets in the global batch as one observation.
+
+        A NaN/inf loss at any computed slot of any rank leaves the whole step out, on every
+        rank alike (a count in the same all-reduce): the EMA never holds a non-finite value,
+        and nothing of a step that the training loop may discard or re-run is kept. Returns
+        whether the EMA was updated.
         """
         g, v = layout.num_slots, self.vocab_size
         if slot_computed is not None and not self.loss_source:
@@ -210,7 +216,7 @@ class EmaTable:
                 "EmaTable.update: losses passed on a rank built with loss_source=False; they "
                 "would be dropped (pass nothing, or make this rank the loss source)"
             )
-        payload = torch.zeros(2 * g + 2 * v, dtype=torch.float64)
+        payload = torch.zeros(2 * g + 2 * v + 1, dtype=torch.float64)
         if slot_computed is not None:
             if slot_loss is None or slot_label is None:
                 raise ValueError(
@@ -224,7 +230,10 @@ class EmaTable:
                     f"labels of computed targets must be in [0, vocab_size={v}); got ids in "
                     f"[{int(labels.min())}, {int(labels.max())}]"
                 )
-            slot_sum, slot_count, vocab_sum, vocab_count = payload.split([g, g, v, v])
+            slot_sum, slot_count, vocab_sum, vocab_count, bad = payload.split([g, g, v, v, 1])
+            finite = torch.isfinite(losses)
+            bad += float((~finite).sum())
+            losses = torch.where(finite, losses, torch.zeros_like(losses))  # sums stay finite
             slot_sum[computed] = losses
             slot_count[computed] = 1.0
             vocab_sum.index_add_(0, labels, losses)
@@ -232,12 +241,15 @@ class EmaTable:
         # Sync point: one all-reduce (float64: the sums of float32 losses are exact, so
         # the result does not depend on how the batch is split over ranks).
         payload = self._all_reduce(payload)
-        slot_sum, slot_count, vocab_sum, vocab_count = payload.split([g, g, v, v])
+        slot_sum, slot_count, vocab_sum, vocab_count, bad = payload.split([g, g, v, v, 1])
         if bool((slot_count > 1).any()):
             raise ValueError(
                 "EMA update: a target's loss came from more than one rank; exactly one rank "
                 "per data-parallel rank may pass loss_source=True"
             )
+        if float(bad) > 0:
+            self.skipped_updates += 1
+            return False
 
         # Owned entries: group the batch's slots by table entry (a sample may repeat).
         hit = (slot_count > 0) & self._owned(layout.flat_index)
@@ -252,6 +264,7 @@ class EmaTable:
         self.vocab_ema[seen] = _ema_step(
             self.vocab_ema[seen], (vocab_sum[seen] / vocab_count[seen]).float(), self.decay
         )
+        return True
 
     # ------------------------------------------------------------------ checkpoint
     def sharded_state_dict(self, prefix: str = "regate.") -> dict:

@@ -170,12 +170,19 @@ class ReGateScorer:
         self._slot_label = torch.zeros(g, dtype=torch.long)
         return self._keep_ratio
 
-    def end_step(self) -> None:
-        """Finish the step: fold the recorded losses into the EMA. Collective over the group."""
+    def end_step(self, update: bool = True) -> bool:
+        """Finish the step: fold the recorded losses into the EMA. Collective over the group
+        when ``update`` (every rank passes the same); ``update=False`` drops the step's
+        records (e.g. a re-run of a step already folded in). Returns whether the EMA
+        changed: False also when a computed loss was NaN/inf on any rank
+        (`EmaTable.update`)."""
         if not self.config.enabled:
-            return
+            return False
         if self._layout is None:
             raise RuntimeError("end_step() without begin_step()")
+        if not update:
+            self._reset()
+            return False
         local = self._local.stop - self._local.start
         if self.ema.loss_source and self._cursor != local:
             raise RuntimeError(
@@ -183,10 +190,12 @@ class ReGateScorer:
                 f"loss_source rank must record() every local micro-batch"
             )
         if self.ema.loss_source:
-            self.ema.update(self._layout, self._slot_loss, self._slot_computed, self._slot_label)
+            updated = self.ema.update(self._layout, self._slot_loss, self._slot_computed,
+                                      self._slot_label)
         else:
-            self.ema.update(self._layout)
+            updated = self.ema.update(self._layout)
         self._reset()
+        return updated
 
     # ------------------------------------------------------------------ scores
     def _sample_targets(self, sample_ids, loss_mask) -> Tuple[List[int], torch.Tensor]:
@@ -389,9 +398,8 @@ class ReGateScorer:
                 f"record(): target counts {counts.tolist()} of samples {ids} differ from the "
                 f"reference-loss store's {expected_counts.tolist()}"
             )
+        # A NaN/inf here is kept: `end_step` then leaves the whole step out on every rank.
         losses = per_token_loss.detach().cpu().to(torch.float64)
-        if not bool(torch.isfinite(losses[computed_mask]).all()):
-            raise ValueError(f"record(): per_token_loss is NaN/inf at computed targets of {ids}")
         # The micro-batch's targets, row-major, fill consecutive slots of the layout.
         base = int(self._layout.slot_start[first]) if ids else 0
         slots = slice(base, base + int(counts.sum()))

@@ -310,13 +310,8 @@ class Run:
                                 ("", "vision_model."))
 
     def _build_scorer(self):
-        from regate_megatron.scoring.scorer import ReGateScorer
-
-        return ReGateScorer(
-            self.args.regate, self.store, self.tokenizer.vocab_size, group=dist.group.WORLD,
-            dp_rank=self.dp_rank, dp_size=self.dp_size,
-            lookup_source=is_selection_source(), loss_source=is_loss_rank(), seed=self.args.seed,
-        )
+        return self.regate_state.build_scorer(self.args.regate, self.store,
+                                              self.tokenizer.vocab_size, seed=self.args.seed)
 
     def _resume(self) -> None:
         from regate_megatron.training.checkpoint import load_checkpoint
