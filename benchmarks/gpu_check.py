@@ -35,12 +35,10 @@ RERUN_FACTOR = 4.0
 
 
 def cmd_data(work: str) -> None:
-    from regate_megatron.data.tokenizer import train_sentencepiece
-    from regate_megatron.tools.demo.digits import build_digits_vqa
+    from regate_megatron.tools.demo.run import build_inputs
 
-    data = build_digits_vqa(os.path.join(work, "data"), seed=0)
-    train_sentencepiece(data["corpus"], os.path.join(work, "tokenizer"), vocab_size=256)
-    print(f"data: {data['train']} {data['valid']} tokenizer: {work}/tokenizer.model")
+    data = build_inputs(work)
+    print(f"data: {data['train']} {data['valid']} tokenizer: {data['tokenizer']}")
 
 
 def _steps(path: str) -> dict:

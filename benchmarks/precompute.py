@@ -36,9 +36,9 @@ MODEL = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "
 def main() -> None:
     from regate_megatron.data.layout import num_image_tokens
     from regate_megatron.data.llava import ConversationDataset, collate
-    from regate_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from regate_megatron.data.tokenizer import SentencePieceTokenizer
     from regate_megatron.scoring.teacher import teacher_inputs
-    from regate_megatron.tools.demo.digits import build_digits_vqa
+    from regate_megatron.tools.demo.run import build_inputs
     from regate_megatron.tools.precompute import build_parser, build_store
     from regate_megatron.training.arguments import build_parser as train_parser
     from regate_megatron.training.arguments import fill_model_defaults
@@ -53,8 +53,8 @@ def main() -> None:
     opts = cli.parse_args()
 
     work = tempfile.mkdtemp(prefix="regate-bench-precompute-")
-    data = build_digits_vqa(os.path.join(work, "data"))
-    tok_path = train_sentencepiece(data["corpus"], os.path.join(work, "tok"), vocab_size=256)
+    data = build_inputs(work)
+    tok_path = data["tokenizer"]
     tokenizer = SentencePieceTokenizer(tok_path)
 
     initialize_parallel(1, 1)

@@ -57,8 +57,7 @@ def _steps(path: str):
 
 
 def main() -> None:
-    from regate_megatron.data.tokenizer import train_sentencepiece
-    from regate_megatron.tools.demo.digits import build_digits_vqa
+    from regate_megatron.tools.demo.run import build_inputs
 
     cli = argparse.ArgumentParser()
     cli.add_argument("--students", type=int, default=1)
@@ -67,8 +66,8 @@ def main() -> None:
     opts = cli.parse_args()
 
     work = tempfile.mkdtemp(prefix="regate-bench-teacher-")
-    data = build_digits_vqa(os.path.join(work, "data"))
-    tok = train_sentencepiece(data["corpus"], os.path.join(work, "tok"), vocab_size=256)
+    data = build_inputs(work)
+    tok = data["tokenizer"]
     common = ["--data-path", data["train"], "--tokenizer-model", tok, *MODEL]
     _run("regate_megatron.training.train",
          [*common, "--text-only", "--train-iters", "2", "--save", "teacher"], work)

@@ -61,12 +61,15 @@ def run_stage(title: str, cmd: List[str], cwd: str, *, quiet: bool = False) -> f
 
 
 def build_inputs(work: str) -> dict:
-    """digits-VQA under ``work/data`` and a SentencePiece tokenizer ``work/tokenizer.model``."""
+    """digits-VQA under ``work/data`` and a SentencePiece tokenizer ``work/tokenizer.model``:
+    `build_digits_vqa`'s dict plus ``tokenizer`` (the model's path). The demo, the ablation
+    and the benchmarks start here."""
     from regate_megatron.data.tokenizer import train_sentencepiece
     from regate_megatron.tools.demo.digits import build_digits_vqa
 
     data = build_digits_vqa(os.path.join(work, "data"), seed=0)
-    train_sentencepiece(data["corpus"], os.path.join(work, "tokenizer"), vocab_size=256)
+    data["tokenizer"] = train_sentencepiece(data["corpus"], os.path.join(work, "tokenizer"),
+                                            vocab_size=256)
     return data
 
 
