@@ -294,6 +294,3 @@ def _check_training_numbers(args: argparse.Namespace) -> None:
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise SystemExit("regate-train: pass at most one of --override-opt_param-scheduler and "
                          "--use-checkpoint-opt_param-scheduler")
-    if not args.check_for_nan_in_loss_and_grad and args.regate.enabled:
-        raise SystemExit("regate-train: --no-check-for-nan-in-loss-and-grad cannot be combined "
-                         "with --regate (the student-loss EMA needs finite losses)")
