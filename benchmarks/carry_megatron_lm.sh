@@ -15,7 +15,12 @@ for d in training legacy rl post_training; do
     [ -d "$SRC/megatron/$d" ] && cp -r "$SRC/megatron/$d" "$DEST/megatron/"
 done
 cp "$SRC"/{pretrain_vlm.py,pretrain_gpt.py,gpt_builders.py,model_provider.py} "$DEST/"
-(cd "$DEST" && git apply --check "$REPO/patches/pretrain_vlm.patch" \
+# DEST may sit inside a git work tree (this checkout's .megatron_lm/): git apply would then
+# take the patch's paths from that tree's root and skip them, silently. Apply as plain files.
+(cd "$DEST" && export GIT_CEILING_DIRECTORIES="$(dirname "$DEST")" \
+    && git apply --check "$REPO/patches/pretrain_vlm.patch" \
     && git apply "$REPO/patches/pretrain_vlm.patch")
+grep -q "regate.install" "$DEST/pretrain_vlm.py" \
+    || { echo "carry_megatron_lm.sh: pretrain_vlm.py was not patched" >&2; exit 1; }
 find "$DEST" -name __pycache__ -prune -exec rm -rf {} +
 du -sh "$DEST"

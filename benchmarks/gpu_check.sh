@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of regate-megatron: ONE command, within 6 minutes on one H200 (Python 3.12,
 # torch 2.11, no Megatron-Core, no TE, no network). Megatron-Core comes as carried cp312
-# wheels in .whl/ (0.16.1 and the newest 0.19.x, downloaded beside the checkout; see README).
+# wheels in .whl/ (0.16.1 and the newest 0.19.x, with pydantic for Megatron-LM's
+# megatron/training: benchmarks/carry_wheels.sh), Megatron-LM's patched pretrain_vlm.py
+# and megatron/training in .megatron_lm/ (benchmarks/carry_megatron_lm.sh).
 #
 #   benchmarks/gpu_check.sh              on a GPU machine
 #   benchmarks/gpu_check.sh --dry-run    the same stages at tiny size on CPU (plumbing check;

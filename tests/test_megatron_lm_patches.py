@@ -64,3 +64,21 @@ def test_patch_applies_and_the_patched_script_imports(patch, tmp_path):
         pytest.skip(f"{module} needs a package this environment lacks: {missing[-1]}")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "imported" in run.stdout
+
+
+@needs_mlm
+def test_carry_folder_for_the_gpu_check_is_patched_inside_a_git_work_tree(tmp_path):
+    """benchmarks/carry_megatron_lm.sh writes its folder into this checkout (.megatron_lm/,
+    inside a git work tree, where a plain `git apply` skips every path silently): the
+    folder's pretrain_vlm.py carries the patch lines and megatron/training is there."""
+    tree = tmp_path / "checkout"
+    tree.mkdir()
+    subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    dest = tree / ".megatron_lm"
+    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "carry_megatron_lm.sh"), MLM,
+                          str(dest)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(dest / "pretrain_vlm.py") as f:
+        patched = f.read()
+    assert patched.count("# ReGATE") == 6 and "regate.install(" in patched
+    assert (dest / "megatron" / "training" / "training.py").is_file()
