@@ -363,6 +363,47 @@ def test_loss_checks_follow_megatron_lm_flags(megatron_world):
             check(torch.tensor(bad))
 
 
+def test_image_geometry_of_the_scripts_flags():
+    """The slots per image tile, combined length and padding the hook reads off Megatron-LM's
+    args (the call pretrain_vlm.py and examples/multimodal make), for both class-token
+    settings, with and without a decoder length, under PP."""
+    import argparse
+
+    from regate_megatron.data.layout import num_image_tokens
+    from regate_megatron.megatron_lm.hooks import _image_geometry
+
+    args = argparse.Namespace(img_h=32, img_w=48, patch_dim=16, vision_model_type="clip",
+                              disable_vision_class_token=True, seq_length=64,
+                              decoder_seq_length=None, pipeline_model_parallel_size=1)
+    assert _image_geometry(args) == (num_image_tokens(32, 48, 16), 64, False)
+    args.disable_vision_class_token = False  # the class token stays: one more slot
+    args.decoder_seq_length, args.pipeline_model_parallel_size = 96, 2
+    assert _image_geometry(args) == (num_image_tokens(32, 48, 16) + 1, 96, True)
+
+
+def _shared_counts_checks(rank):
+    import argparse
+
+    from regate_megatron.megatron_lm.hooks import _Run, _shared_counts
+
+    args = argparse.Namespace(img_h=16, img_w=16, patch_dim=16, vision_model_type="clip",
+                              disable_vision_class_token=True, seq_length=SEQ,
+                              decoder_seq_length=None, pipeline_model_parallel_size=1)
+    run = _Run(pretrain_vlm_view)
+    if rank != 1:  # rank 1 builds no dataset (a TP rank > 0 under a TP-rank-0 provider)
+        run.train_dataset = SampleIdDataset([_item(i) for i in range(N_SAMPLES)])
+    return _shared_counts(args, run).tolist()
+
+
+def test_random_selector_target_counts_are_read_in_shares():
+    """--regate-selector random without a store: the ranks holding the dataset read it in
+    strided shares; every rank ends with every sample's count."""
+    whole = target_counts(SampleIdDataset([_item(i) for i in range(N_SAMPLES)]),
+                          pretrain_vlm_view, 1, SEQ).tolist()
+    assert len(set(whole)) > 1  # the items differ in their number of targets
+    assert run_world(_shared_counts_checks, 3) == [whole] * 3
+
+
 # ---------------------------------------------------------------- EMA in the checkpoint
 def _state_model(replicated: bool, fill: bool):
     from megatron.core import parallel_state as ps

@@ -87,32 +87,77 @@ def _image_geometry(args):
     """(slots per image tile, combined max length, padded under PP?) of the LLaVA run."""
     from megatron.core.models.vision.clip_vit_model import get_num_image_embeddings
 
+    # the call both scripts make (examples/multimodal's flags, pretrain_vlm's defaults)
     img_seq_len = get_num_image_embeddings(
         args.img_h, args.img_w, args.patch_dim, getattr(args, "vision_model_type", "clip"),
-        getattr(args, "disable_vision_class_token", False), 1)
+        getattr(args, "disable_vision_class_token", False), 1,
+        pixel_shuffle=getattr(args, "pixel_shuffle", False),
+        use_tile_tags=getattr(args, "use_tile_tags", False),
+        max_num_tiles=getattr(args, "max_num_tiles", 0),
+        tokenizer_type=getattr(args, "tokenizer_prompt_format", None))
     max_length = args.decoder_seq_length or args.seq_length
     return img_seq_len, max_length, args.pipeline_model_parallel_size > 1
 
 
 def _target_layout(args, run: _Run):
-    """The reference store, or `TargetCounts` read off the dataset on rank 0 and broadcast."""
-    import torch.distributed as dist
-
+    """The reference store, or `TargetCounts` read off the training dataset (`_shared_counts`)."""
     from regate_megatron.scoring.ref_store import RefLossStore
     from regate_megatron.scoring.scorer import TargetCounts
 
     if args.regate_ref_store is not None:
         return RefLossStore.open(args.regate_ref_store)
-    counts = [None]
-    if dist.get_rank() == 0:
-        if run.train_dataset is None:
-            raise RuntimeError("--regate-selector random without --regate-ref-store reads the "
-                               "target counts off the training dataset: wrap it with "
-                               "regate_megatron.megatron_lm.with_sample_ids")
+    return TargetCounts(_shared_counts(args, run))
+
+
+def _shared_counts(args, run: _Run) -> np.ndarray:
+    """Every sample's target count, for ``--regate-selector random`` without a store: each
+    rank that holds the training dataset reads a strided share of its items (every item is
+    read once in all), one all-reduce joins them. Collective; O(dataset) reads in all."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from regate_megatron.training.parallel import collective_device
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    held = torch.zeros(2, world, dtype=torch.long)  # [holds a dataset, its length] per rank
+    if run.train_dataset is not None:
+        held[:, rank] = torch.tensor([1, len(run.train_dataset)])
+    held = _summed(held, collective_device())  # sync point
+    holders = [r for r in range(world) if int(held[0, r])]
+    if not holders:
+        raise RuntimeError("--regate-selector random without --regate-ref-store reads the "
+                           "target counts off the training dataset: wrap it with "
+                           "regate_megatron.megatron_lm.with_sample_ids")
+    sizes = held[1]
+    lengths = {int(sizes[r]) for r in holders}
+    if len(lengths) != 1:
+        raise RuntimeError(f"the ranks' training datasets differ in length {sorted(lengths)}; "
+                           f"sample ids must index one dataset")
+    n = lengths.pop()
+    start = time.perf_counter()
+    counts = np.zeros(n, dtype=np.int64)
+    if run.train_dataset is not None:
+        share = holders.index(rank)
         img_seq_len, max_length, _ = _image_geometry(args)
-        counts = [_ids.target_counts(run.train_dataset, run.view, img_seq_len, max_length)]
-    dist.broadcast_object_list(counts, src=0)  # sync point: every rank sizes the same table
-    return TargetCounts(np.asarray(counts[0]))
+        counts = _ids.target_counts(run.train_dataset, run.view, img_seq_len, max_length,
+                                    indices=range(share, n, len(holders)))
+    counts = _summed(torch.from_numpy(counts), collective_device()).numpy()  # sync point
+    if rank == 0:
+        print(f"ReGATE: target counts of {n} samples read by {len(holders)} ranks in "
+              f"{time.perf_counter() - start:.1f} s (--regate-ref-store reads them from the "
+              f"store instead)", flush=True)
+    return counts
+
+
+def _summed(tensor, device):
+    """``tensor`` summed over the world (on ``device``: NCCL reduces CUDA tensors)."""
+    import torch.distributed as dist
+
+    out = tensor.to(device)
+    dist.all_reduce(out)
+    return out.cpu()
 
 
 def _build_scorer(args, run: _Run):

@@ -52,11 +52,12 @@ def with_sample_ids(dataset):
 
 
 def target_counts(dataset, view: BatchView, img_seq_len: int, max_length: int,
-                  collate: Callable = default_collate) -> np.ndarray:
+                  collate: Callable = default_collate, indices=None) -> np.ndarray:
     """int64 [len(dataset)]: target tokens of every sample in the combined sequence, indexed
-    by sample id (reads every item once)."""
+    by sample id (reads each item once); with ``indices``, only those items are read and the
+    other entries stay 0 (one rank's share, see `hooks`)."""
     counts = np.zeros(len(dataset), dtype=np.int64)
-    for index in range(len(dataset)):
+    for index in range(len(dataset)) if indices is None else indices:
         text = view(collate([dataset[index]]))
         _, mask = expand_targets(text, img_seq_len, max_length)
         sample_id = int(text.sample_ids[0])
