@@ -82,3 +82,65 @@ def test_carry_folder_for_the_gpu_check_is_patched_inside_a_git_work_tree(tmp_pa
         patched = f.read()
     assert patched.count("# ReGATE") == 6 and "regate.install(" in patched
     assert (dest / "megatron" / "training" / "training.py").is_file()
+
+
+@needs_mlm
+def test_patched_pretrain_vlm_trains_saves_and_resumes_on_cpu(tmp_path):
+    """Megatron-LM's own pretrain() through the patched pretrain_vlm.py, on CPU (gloo,
+    tests/megatron_lm_cpu.py), with the GPU check's stage flags (no bf16, 2 layers): ReGATE
+    (random selector) for 6 steps, saved at 3 and 6 with the EMA in the checkpoint, then
+    resumed to 8. The same folder the GPU check carries (benchmarks/carry_megatron_lm.sh)."""
+    mlm = tmp_path / "mlm"
+    carry = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "carry_megatron_lm.sh"), MLM,
+                            str(mlm)], capture_output=True, text=True, timeout=300)
+    assert carry.returncode == 0, carry.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
+               PYTHONPATH=os.pathsep.join([str(mlm), ROOT, os.environ.get("PYTHONPATH", "")]))
+    flags = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1024",
+             "--decoder-num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--encoder-num-layers", "1", "--img-h", "32", "--img-w", "32", "--patch-dim", "16",
+             "--disable-vision-class-token", "--seq-length", "1024",
+             "--max-position-embeddings", "2048", "--micro-batch-size", "2",
+             "--global-batch-size", "4", "--lr", "1e-4", "--min-lr", "1e-5",
+             "--lr-decay-style", "constant", "--lr-decay-iters", "8", "--transformer-impl",
+             "local", "--no-persist-layer-norm", "--no-rope-fusion",
+             "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+             "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--ckpt-format", "torch",
+             "--save", "ckpt", "--save-interval", "3", "--eval-iters", "0",
+             "--eval-interval", "1000", "--log-interval", "1", "--regate",
+             "--regate-selector", "random", "--regate-schedule", "constant",
+             "--regate-keep-ratio", "0.5", "--distributed-backend", "gloo"]
+
+    def pretrain(*more):
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+             "--master-port", str(29400 + os.getpid() % 500),
+             os.path.join(ROOT, "tests", "megatron_lm_cpu.py"), str(mlm / "pretrain_vlm.py"),
+             *flags, *more], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=900)
+        missing = [line for line in run.stderr.splitlines() if "ModuleNotFoundError" in line]
+        if run.returncode and missing and "regate" not in missing[-1]:
+            pytest.skip(f"pretrain_vlm.py needs a package this environment lacks: {missing[-1]}")
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        return run.stdout
+
+    out = pretrain("--train-iters", "6")
+    assert "iteration        6/       6" in out and "ReGATE: target counts of" in out
+    import torch
+
+    saved = torch.load(tmp_path / "ckpt" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt",
+                       map_location="cpu", weights_only=False)["model"]
+    table, vocab = saved["regate.ema_table"], saved["regate.vocab_ema"]
+    observed = int((~torch.isnan(table)).sum())
+    # 6 steps x 4 distinct samples (the sequential sampler), each keeping half of its 1024
+    # targets (the mock data's loss mask covers the text; constant keep ratio 0.5)
+    assert observed == 6 * 4 * 512
+    assert int((~torch.isnan(vocab)).sum()) > 0
+    out = pretrain("--train-iters", "8", "--load", "ckpt", "--override-opt_param-scheduler")
+    assert "iteration        8/       8" in out and "iteration        7/" in out
+    resumed = torch.load(tmp_path / "ckpt" / "iter_0000008" / "mp_rank_00" /
+                         "model_optim_rng.pt", map_location="cpu", weights_only=False)["model"]
+    after = resumed["regate.ema_table"]
+    kept = ~torch.isnan(table)
+    assert torch.equal(after[kept], table[kept])  # the first run's EMA came back unchanged
+    assert int((~torch.isnan(after)).sum()) > observed  # steps 7-8 added their samples

@@ -1,0 +1,83 @@
+"""Run a patched Megatron-LM training script on CPU (gloo), for the tests only.
+
+    python -m torch.distributed.run --nproc-per-node N tests/megatron_lm_cpu.py \
+        /path/to/pretrain_vlm.py <its flags> --distributed-backend gloo
+
+Megatron-Core's CUDA assumptions are bridged by `apply_cpu_compat` (the package's CPU
+bridge); the few that Megatron-LM's own training loop (``megatron/training``) adds are
+answered here, in this launcher only: device count and selection, the CUDA RNG state in
+checkpoints, the side stream around DDP construction, memory statistics, the JIT warm-up,
+the dataset helpers' build step, the GPU architecture query. Nothing of Megatron is
+replaced: its initialisation, training loop, schedules, checkpointing and the patched
+script run as they are.
+"""
+
+import contextlib
+import os
+import runpy
+import sys
+
+import torch
+
+from regate_megatron.core import cpu_compat
+
+
+def _set(owner, name, value, answered):
+    setattr(owner, name, value)
+    answered.append(f"{getattr(owner, '__name__', owner)}.{name}")
+
+
+def answer_cuda_on_cpu() -> list:
+    """Apply the CPU bridge and the training loop's CUDA answers; returns what was set."""
+    import megatron.core.datasets.helpers_cpp  # noqa: F401  (the wheel ships them built)
+    import megatron.core.datasets.utils as dataset_utils
+    import megatron.training.arguments as arguments
+    import megatron.training.initialize as initialize
+    import megatron.training.training as training
+    import megatron.training.utils as training_utils
+
+    assert cpu_compat.apply_cpu_compat(), "expected a machine without CUDA"
+    answered: list = []
+    # _initialize_distributed builds the model-parallel groups (and seeds the RNG tracker)
+    # only when a device is counted.
+    _set(torch.cuda, "device_count", lambda: 1, answered)
+    _set(torch.cuda, "set_device", lambda device: None, answered)
+    # checkpoints save and restore the CUDA generator's state
+    _set(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state(), answered)
+    _set(torch.cuda, "set_rng_state", lambda new_state, device="cuda": None, answered)
+    # get_model builds DDP inside a side stream
+    _set(torch.cuda, "Stream", lambda *a, **k: cpu_compat._CpuStream(), answered)
+    _set(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext(), answered)
+    # training_log's memory report
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
+                 "max_memory_reserved", "device_memory_used"):
+        _set(torch.cuda, name, lambda device=None: 0, answered)
+    _set(torch.cuda, "memory_stats", lambda device=None: {}, answered)
+    _set(torch.cuda, "empty_cache", lambda: None, answered)
+    _set(torch.cuda, "reset_peak_memory_stats", lambda device=None: None, answered)
+    # _compile_dependencies runs `make` where the wheel has the helpers already built
+    _set(dataset_utils, "compile_helpers", lambda: None, answered)
+    # the fused-kernel warm-up allocates on "cuda"; nothing to warm up on CPU
+    _set(initialize, "_warmup_jit_function", lambda: None, answered)
+    # validate_args asks the GPU architecture at TP > 1: answer Hopper, like the H200
+    _set(training_utils, "get_device_arch_version", lambda: 9, answered)
+    if hasattr(arguments, "get_device_arch_version"):
+        _set(arguments, "get_device_arch_version", lambda: 9, answered)
+    original = initialize.initialize_megatron
+
+    def initialize_megatron(*args, **kwargs):
+        return original(*args, **dict(kwargs, allow_no_cuda=True))
+
+    _set(initialize, "initialize_megatron", initialize_megatron, answered)
+    _set(training, "initialize_megatron", initialize_megatron, answered)
+    return answered
+
+
+if __name__ == "__main__":
+    answered = answer_cuda_on_cpu()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[megatron_lm_cpu] CPU answers for:", ", ".join(answered), flush=True)
+    script = os.path.abspath(sys.argv[1])
+    sys.argv = [script] + sys.argv[2:]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")
