@@ -40,6 +40,10 @@ saved param-group match     0.19 matches a loaded optimizer param group to the c
                             ``--lr`` (``--override-opt_param-scheduler``) found no group:
                             `align_saved_lr_schedule` gives the saved groups the current
                             run's values first (a no-op where the keys hold no schedule).
+``import megatron.core``     0.19 runs ``git rev-parse`` in a child process (its version
+                            string, `mcore_version`); 0.17+ import ``torch.utils.cpp_extension``,
+                            which logs "No CUDA runtime is found" for a CUDA torch build on a
+                            machine with ``nvcc`` and no GPU. Nothing to adapt.
 unchanged                   ``DotProductAttention`` (constructor and forward),
                             ``CLIPViTModel.__init__``, ``get_num_layers_to_build``, the RNG
                             tracker functions the CPU bridge wraps,
