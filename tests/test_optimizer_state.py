@@ -254,3 +254,55 @@ def test_distributed_optimizer_resume_equals_uninterrupted_torch_adam(tmp_path):
     """DP=2, both working shardings: the fixed load resumes bitwise; the plain one fails."""
     check_resume(run_world(resume_world, 2, ckpt_dir=str(tmp_path), timeout=300),
                  fused_adam=False)
+
+
+# ======================================================================================
+# Saved param groups and a new LR schedule (`mcore_compat.align_saved_lr_schedule`)
+# ======================================================================================
+
+KEYS_016 = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+KEYS_019 = ("end_wd", "max_lr", "min_lr", "optimizer", "start_wd") + KEYS_016[1:]
+
+
+def _groups(max_lr: float, *, wd_mult=(1.0, 0.0)):
+    return [dict(params=[i], wd_mult=w, lr_mult=1.0, is_expert_parallel=False,
+                 is_decoupled_lr=False, max_lr=max_lr, min_lr=0.0, weight_decay=0.1 * w)
+            for i, w in enumerate(wd_mult)]
+
+
+@pytest.mark.parametrize("keys", [KEYS_016, KEYS_019], ids=["0.16-0.18", "0.19"])
+def test_saved_groups_take_the_runs_lr_schedule_where_it_identifies_them(monkeypatch, keys):
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    from regate_megatron.core.mcore_compat import align_saved_lr_schedule
+
+    monkeypatch.setattr(mcore_optimizer, "param_group_identifier_keys", keys)
+    optimizer = SimpleNamespace(param_groups=_groups(5e-2))
+    saved = {"optimizer": {"param_groups": _groups(3e-3)[::-1]}, "state": {}}
+    changed = align_saved_lr_schedule(optimizer, saved)
+    lrs = [g["max_lr"] for g in saved["optimizer"]["param_groups"]]
+    if "max_lr" in keys:  # 0.19: matched by the schedule too -> the run's values
+        assert changed == 2 and lrs == [5e-2, 5e-2]
+    else:  # nothing to align: the checkpoint is left as it is
+        assert changed == 0 and lrs == [3e-3, 3e-3]
+    # the other fields (and which saved group is which) are untouched
+    assert [(g["params"], g["wd_mult"], g["weight_decay"])
+            for g in saved["optimizer"]["param_groups"]] == [([1], 0.0, 0.0), ([0], 1.0, 0.1)]
+
+
+def test_ambiguous_or_unmatched_saved_groups_are_left_to_megatron(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    from regate_megatron.core.mcore_compat import align_saved_lr_schedule
+
+    monkeypatch.setattr(mcore_optimizer, "param_group_identifier_keys", KEYS_019)
+    two_lrs = _groups(5e-2, wd_mult=(1.0, 1.0))
+    two_lrs[1]["max_lr"] = 1e-1  # same other keys, two schedules: no way to tell
+    optimizer = SimpleNamespace(param_groups=two_lrs)
+    saved = {"param_groups": _groups(3e-3, wd_mult=(1.0, 0.5))}  # 0.5: no current group
+    assert align_saved_lr_schedule(optimizer, saved) == 0
+    assert [g["max_lr"] for g in saved["param_groups"]] == [3e-3, 3e-3]

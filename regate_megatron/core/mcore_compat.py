@@ -33,6 +33,17 @@ DDP grad sync               0.17+ calls ``torch.cuda.current_stream()`` in every
                             ``_get/_set_main_param_and_optimizer_states`` skip non-tensor
                             state entries; the torch-Adam ``step`` handling the fixes in
                             `regate_megatron.training.optimizer_state` rely on is unchanged.
+saved param-group match     0.19 matches a loaded optimizer param group to the current one
+                            by ``param_group_identifier_keys``, which now include the
+                            group's LR schedule (``max_lr``, ``min_lr``; 0.16-0.18: only
+                            ``wd_mult``, ``lr_mult`` and two flags), so a resume with a new
+                            ``--lr`` (``--override-opt_param-scheduler``) found no group:
+                            `align_saved_lr_schedule` gives the saved groups the current
+                            run's values first (a no-op where the keys hold no schedule).
+``import megatron.core``     0.19 runs ``git rev-parse`` in a child process (its version
+                            string, `mcore_version`); 0.17+ import ``torch.utils.cpp_extension``,
+                            which logs "No CUDA runtime is found" for a CUDA torch build on a
+                            machine with ``nvcc`` and no GPU. Nothing to adapt.
 unchanged                   ``DotProductAttention`` (constructor and forward),
                             ``CLIPViTModel.__init__``, ``get_num_layers_to_build``, the RNG
                             tracker functions the CPU bridge wraps,
@@ -50,11 +61,14 @@ from __future__ import annotations
 
 from packaging.version import Version
 
-__all__ = ["SUPPORTED", "mcore_version", "mlp_submodules"]
+__all__ = ["SUPPORTED", "align_saved_lr_schedule", "mcore_version", "mlp_submodules"]
 
 SUPPORTED = (Version("0.16.1"), Version("0.20"))  # [lowest, first unsupported)
 
 _MLP_BUILDER = Version("0.18")  # get_mlp_module_spec returns a partial from here on
+
+# The param-group fields the LR/WD scheduler reads; the run's reconciled flags own them.
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
 
 
 def mcore_version() -> Version:
@@ -73,3 +87,67 @@ def mlp_submodules(use_te: bool):
     if mcore_version() >= _MLP_BUILDER:
         return spec.keywords["submodules"]  # partial(MLP.as_mlp_submodule, submodules=...)
     return spec.submodules  # ModuleSpec(module=MLP, submodules=...)
+
+
+def align_saved_lr_schedule(optimizer, state_dict: dict) -> int:
+    """Give the param groups in a loaded optimizer ``state_dict`` the LR-schedule fields of
+    ``optimizer``'s own groups, in place, before ``optimizer.load_state_dict``; returns how
+    many saved groups changed.
+
+    0.19 identifies a saved group by ``param_group_identifier_keys``, which include
+    ``max_lr``/``min_lr``: a resume with another ``--lr`` or ``--min-lr`` (allowed with
+    ``--override-opt_param-scheduler``, `regate_megatron.training.resume`) raised "Could not
+    find parameter group". A saved group takes the values of the current group that equals it
+    on the other identifier keys; the run sets ``max_lr``/``min_lr`` from its flags after the
+    load either way. A no-op before 0.19 (no schedule key identifies a group there).
+    """
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    schedule = [k for k in param_group_identifier_keys if k in _SCHEDULE_KEYS]
+    if not schedule:
+        return 0
+    rest = [k for k in param_group_identifier_keys if k not in _SCHEDULE_KEYS]
+    current = {}
+    for group in optimizer.param_groups:
+        current.setdefault(_group_key(group, rest), []).append(group)
+    changed = 0
+    for saved in _saved_param_groups(state_dict):
+        matches = current.get(_group_key(saved, rest), [])
+        values = {tuple(_group_value(g, k) for k in schedule) for g in matches}
+        if len(values) != 1:
+            continue  # none or ambiguous: Megatron-Core's own check names the group
+        changed += _copy_schedule(saved, matches[0], schedule)
+    return changed
+
+
+def _group_key(group: dict, keys) -> tuple:
+    """A param group's identifier over ``keys``, as Megatron-Core 0.19 builds it."""
+    return tuple(_group_value(group, k) for k in keys)
+
+
+def _group_value(group: dict, key: str):
+    """``group[key]``, NeMo's ``pre_<key>`` alias, or None (missing equals None)."""
+    return group[key] if key in group else group.get(f"pre_{key}")
+
+
+def _copy_schedule(saved: dict, group: dict, keys) -> int:
+    """Set ``saved``'s ``keys`` to ``group``'s (dropping those ``group`` lacks); 1 if changed."""
+    before = {k: saved.get(k) for k in keys}
+    for key in keys:
+        if key in group:
+            saved[key] = group[key]
+        else:
+            saved.pop(key, None)
+    return int(before != {k: saved.get(k) for k in keys})
+
+
+def _saved_param_groups(state_dict):
+    """Every param-group dict under ``"param_groups"`` anywhere in a loaded optimizer state
+    (torch, Float16/FP32, distributed or chained optimizers nest it differently)."""
+    if not isinstance(state_dict, dict):
+        return
+    for key, value in state_dict.items():
+        if key == "param_groups" and isinstance(value, list):
+            yield from (g for g in value if isinstance(g, dict))
+        elif isinstance(value, dict):
+            yield from _saved_param_groups(value)

@@ -43,6 +43,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from regate_megatron.core.mcore_compat import align_saved_lr_schedule
 from regate_megatron.megatron_lm.state import PREFIX as REGATE_PREFIX
 from regate_megatron.training.guard import check_params_finite
 from regate_megatron.training.optimizer_state import (
@@ -286,6 +287,8 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(state, path)
     _unwrap(model[0]).load_state_dict(loaded["model"])
     if optimizer is not None:
+        # a new --lr/--min-lr (--override-opt_param-scheduler) must still find the saved groups
+        align_saved_lr_schedule(optimizer, loaded["optimizer"])
         if getattr(optimizer.config, "use_distributed_optimizer", False):
             load_distributed_optimizer_state(optimizer, loaded["optimizer"])
         else:
