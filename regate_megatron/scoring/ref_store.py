@@ -303,8 +303,10 @@ class StoreBuilder:
                 raise ValueError(self._conflict("holds a finished store built with", existing))
             self.finished = True  # nothing to do: the store is already built
             return
-        if (os.path.isdir(self.out_dir) and not os.path.isdir(self.shard_dir)
-                and os.listdir(self.out_dir)):
+        # One listing: another rank may create shards/ (and out_dir) at any moment, so the
+        # checks must not read the directory twice.
+        entries = os.listdir(self.out_dir) if os.path.isdir(self.out_dir) else []
+        if entries and os.path.basename(self.shard_dir) not in entries:
             raise ValueError(
                 f"{self.out_dir} is not empty and holds no reference-loss build; "
                 f"use an empty or new directory"
