@@ -202,8 +202,13 @@ stage_megatron_lm() {
     cp "$MLM_DIR"/*.py "$m/"
     grep -q "regate.install" "$m/pretrain_vlm.py" || { echo "pretrain_vlm.py is not patched"; exit 1; }
     cd "$m/run"
-    local tiny=()
-    [ "$DRY" = 1 ] && tiny=(--decoder-num-layers 2 --hidden-size 64)
+    # A dry run takes Megatron-LM's loop through the tests' CPU launcher (gloo, fp32).
+    local tiny=() run=("$m/pretrain_vlm.py") precision=(--bf16)
+    if [ "$DRY" = 1 ]; then
+        tiny=(--decoder-num-layers 2 --hidden-size 64)
+        run=("$REPO/tests/megatron_lm_cpu.py" "$m/pretrain_vlm.py")
+        precision=(--distributed-backend gloo)
+    fi
     # --seq-length 1024: the mock data's epoch is then 66,592 samples, whose target counts
     # the random selector reads once at start (~0.5 ms each; 532,736 at --seq-length 128).
     # No apex/TE: --no-persist-layer-norm. A fixed --lr-decay-iters: the resume's schedule
@@ -214,14 +219,14 @@ stage_megatron_lm() {
         --encoder-num-layers 1 --img-h 32 --img-w 32 --patch-dim 16 --disable-vision-class-token
         --seq-length 1024 --max-position-embeddings 2048 --micro-batch-size 2
         --global-batch-size 4 --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant
-        --lr-decay-iters 25 --bf16 --transformer-impl local --no-persist-layer-norm
+        --lr-decay-iters 25 "${precision[@]}" --transformer-impl local --no-persist-layer-norm
         --no-rope-fusion --no-gradient-accumulation-fusion --no-masked-softmax-fusion
         --no-bias-gelu-fusion --no-bias-dropout-fusion --ckpt-format torch --save ckpt
         --save-interval 10 --eval-iters 0 --eval-interval 1000 --log-interval 5
         --regate --regate-selector random --regate-schedule constant --regate-keep-ratio 0.5)
     local launch=(torch.distributed.run --nproc-per-node 1 --master-port 29533)  # torchrun
     echo "--- patched pretrain_vlm.py --mock-data --regate: 20 steps"
-    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "$m/pretrain_vlm.py" \
+    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "${run[@]}" \
         "${args[@]}" --train-iters 20
     echo "--- the EMA rides in the checkpoint"
     "$PY" - <<'PYEOF'
@@ -234,7 +239,7 @@ print(f"{path}: regate.ema_table {tuple(table.shape)}, {seen} entries observed")
 assert seen > 0 and "regate.vocab_ema" in model
 PYEOF
     echo "--- resumed from iteration 20 for 5 more"
-    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "$m/pretrain_vlm.py" \
+    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "${run[@]}" \
         "${args[@]}" --train-iters 25 --load ckpt --override-opt_param-scheduler
 }
 export -f stage_megatron_lm
