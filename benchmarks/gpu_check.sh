@@ -17,7 +17,8 @@
 #                      regate-train --bf16 --regate 30 steps with an evaluation, resumed for 10
 #                      more, compared with a straight 40-step run (steps 31-40 and the eval)
 #   megatron_lm        (optional) patched Megatron-LM pretrain_vlm.py --mock-data --regate, 20 steps,
-#                      EMA in the saved checkpoint, resumed (needs MEGATRON_LM_TRAINING_DIR)
+#                      EMA in the saved checkpoint, resumed (the carried .megatron_lm/, or
+#                      MEGATRON_LM_TRAINING_DIR; a dry run goes through tests/megatron_lm_cpu.py)
 #   bench_<version>    benchmarks/router.py at 1B-class size, seq 4096, micro-batch 1, bf16,
 #                      once per Megatron-Core version (0.16.1, newest 0.19.x)
 #   profile            (optional) router.py --profile when a speedup is below 0.9 x ideal
