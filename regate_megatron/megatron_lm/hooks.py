@@ -118,13 +118,13 @@ def _shared_counts(args, run: _Run) -> np.ndarray:
     import torch
     import torch.distributed as dist
 
-    from regate_megatron.training.parallel import collective_device
+    from regate_megatron.training.parallel import summed
 
     rank, world = dist.get_rank(), dist.get_world_size()
     held = torch.zeros(2, world, dtype=torch.long)  # [holds a dataset, its length] per rank
     if run.train_dataset is not None:
         held[:, rank] = torch.tensor([1, len(run.train_dataset)])
-    held = _summed(held, collective_device())  # sync point
+    held = summed(held)  # sync point
     holders = [r for r in range(world) if int(held[0, r])]
     if not holders:
         raise RuntimeError("--regate-selector random without --regate-ref-store reads the "
@@ -143,21 +143,12 @@ def _shared_counts(args, run: _Run) -> np.ndarray:
         img_seq_len, max_length, _ = _image_geometry(args)
         counts = _ids.target_counts(run.train_dataset, run.view, img_seq_len, max_length,
                                     indices=range(share, n, len(holders)))
-    counts = _summed(torch.from_numpy(counts), collective_device()).numpy()  # sync point
+    counts = summed(torch.from_numpy(counts)).numpy()  # sync point
     if rank == 0:
         print(f"ReGATE: target counts of {n} samples read by {len(holders)} ranks in "
               f"{time.perf_counter() - start:.1f} s (--regate-ref-store reads them from the "
               f"store instead)", flush=True)
     return counts
-
-
-def _summed(tensor, device):
-    """``tensor`` summed over the world (on ``device``: NCCL reduces CUDA tensors)."""
-    import torch.distributed as dist
-
-    out = tensor.to(device)
-    dist.all_reduce(out)
-    return out.cpu()
 
 
 def _build_scorer(args, run: _Run):

@@ -29,7 +29,6 @@ from functools import partial
 from typing import Callable, List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from regate_megatron.core.roles import is_loss_rank, is_selection_source
@@ -180,7 +179,7 @@ class ReGateForwardBackward:
     def _global_ids(texts, local_count: int) -> torch.Tensor:
         """Every DP rank's sample ids of this step, in DP-rank order (each DP rank's
         selection source contributes its row)."""
-        from regate_megatron.training.parallel import collective_device
+        from regate_megatron.training.parallel import summed
 
         dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         rows = torch.zeros(dp_size, local_count, dtype=torch.long)
@@ -190,9 +189,7 @@ class ReGateForwardBackward:
                 raise ValueError(f"the step's micro-batches hold {ids.numel()} samples, "
                                  f"expected {local_count} (num_microbatches x micro_batch_size)")
             rows[dp_rank] = ids
-        rows = rows.to(collective_device())
-        dist.all_reduce(rows)  # sync point
-        return rows.cpu().reshape(-1)
+        return summed(rows).reshape(-1)  # sync point
 
 
 def _device_of(model) -> torch.device:

@@ -155,11 +155,9 @@ class EmaTable:
     def _all_reduce(self, payload: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             return payload
-        from regate_megatron.training.parallel import collective_device
+        from regate_megatron.training.parallel import summed
 
-        buffer = payload.to(collective_device(self.group))
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
-        return buffer.cpu()
+        return summed(payload, self.group)
 
     # ------------------------------------------------------------------ exchange
     def lookup(self, layout: BatchLayout) -> torch.Tensor:

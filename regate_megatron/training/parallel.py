@@ -32,6 +32,7 @@ __all__ = [
     "launch_env",
     "first_slurm_host",
     "rank_device",
+    "summed",
     "collective_device",
     "initialize_parallel",
     "destroy_parallel",
@@ -108,6 +109,14 @@ def collective_device(group=None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return rank_device()
     return torch.device("cpu")
+
+
+def summed(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """``tensor`` summed over ``group`` (default: the world), returned on the CPU; the
+    all-reduce runs on `collective_device`. Collective."""
+    out = tensor.to(collective_device(group))
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out.cpu()
 
 
 def _free_port() -> int:
