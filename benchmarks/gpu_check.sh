@@ -43,6 +43,14 @@ DRY=0
 [ "${GPU_CHECK_ALLOW_CPU:-0}" = "1" ] && DRY=1
 PY="${PYTHON:-python3}"
 WHEELS="${GPU_CHECK_WHEELS:-$REPO/.whl}"
+for name in ${GPU_CHECK_ONLY:-}; do  # a misspelt stage would silently run nothing
+    case "$name" in
+        install|gpu_tests|pipeline|megatron_lm|profile|bench_*|gpu_tests_*) ;;
+        *) echo "gpu_check.sh: GPU_CHECK_ONLY names an unknown stage '$name' (stages: gpu_tests" \
+                "pipeline megatron_lm bench_<version> profile gpu_tests_<version>)" >&2
+           exit 2 ;;
+    esac
+done
 # A dry run on a small, shared CPU is slower than the GPU run it stands in for: its stage caps
 # and reserves are scaled (GPU_CHECK_SCALE) and its budget is larger.
 if [ "$DRY" = 1 ]; then

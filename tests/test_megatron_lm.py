@@ -389,19 +389,33 @@ def _shared_counts_checks(rank):
     args = argparse.Namespace(img_h=16, img_w=16, patch_dim=16, vision_model_type="clip",
                               disable_vision_class_token=True, seq_length=SEQ,
                               decoder_seq_length=None, pipeline_model_parallel_size=1)
+    errors = []
+    run = _Run(pretrain_vlm_view)  # no rank holds a dataset: every rank says so
+    with pytest.raises(RuntimeError, match="wrap it with") as err:
+        _shared_counts(args, run)
+    errors.append(str(err.value))
+    run.train_dataset = SampleIdDataset([_item(i) for i in range(N_SAMPLES - rank)])
+    with pytest.raises(RuntimeError, match="differ in length") as err:
+        _shared_counts(args, run)
+    errors.append(str(err.value))
     run = _Run(pretrain_vlm_view)
     if rank != 1:  # rank 1 builds no dataset (a TP rank > 0 under a TP-rank-0 provider)
         run.train_dataset = SampleIdDataset([_item(i) for i in range(N_SAMPLES)])
-    return _shared_counts(args, run).tolist()
+    return _shared_counts(args, run).tolist(), errors
 
 
 def test_random_selector_target_counts_are_read_in_shares():
     """--regate-selector random without a store: the ranks holding the dataset read it in
-    strided shares; every rank ends with every sample's count."""
+    strided shares; every rank ends with every sample's count. No dataset anywhere, or
+    datasets of different lengths, are errors on every rank."""
     whole = target_counts(SampleIdDataset([_item(i) for i in range(N_SAMPLES)]),
                           pretrain_vlm_view, 1, SEQ).tolist()
     assert len(set(whole)) > 1  # the items differ in their number of targets
-    assert run_world(_shared_counts_checks, 3) == [whole] * 3
+    results = run_world(_shared_counts_checks, 3)
+    assert [counts for counts, _ in results] == [whole] * 3
+    # bad setups fail on every rank alike (no rank left waiting in a collective)
+    assert all(errors == results[0][1] for _, errors in results)
+    assert "[14, 15, 16]" in results[0][1][1]  # the lengths it saw
 
 
 # ---------------------------------------------------------------- EMA in the checkpoint
