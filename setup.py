@@ -34,7 +34,9 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "megatron-energon>=7.4"],
+        # examples/multimodal's data (regate_megatron.megatron_lm.energon)
+        "energon": ["megatron-energon>=7.4"],
         # NVIDIA Apex is optional and built from source on GPU clusters; it is never a
         # pip dependency (the PyPI name "apex" is an unrelated package).
         "te": ["transformer-engine[pytorch]"],

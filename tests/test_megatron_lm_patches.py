@@ -28,6 +28,8 @@ CASES = {
         ["examples/multimodal"], "examples/multimodal", "train", """
         assert m.add_multimodal_extra_args._regate_flags and m.model_provider._regate
         assert m.multimodal_model.get_layer_spec._regate
+        view = m.regate.multimodal_energon_view(m.TaskEncoder, image_decode="pil")
+        assert isinstance(view, m.regate.EnergonView)
         """),
 }
 

@@ -21,7 +21,8 @@ A Megatron-LM multimodal script (``pretrain_vlm.py``) changes by these lines
 Pieces: `flags` (``--regate-*``, refused settings), `model` (spec, adoption), `step`
 (`ReGateForwardBackward`), `loss` (`regate_loss`), `state` (EMA in the model's checkpoint
 state), `batch` / `sample_ids` (targets in the combined sequence, stable ids), `hooks`
-(the Megatron-LM glue above). ``regate-train`` is built on the same pieces: its step is a
+(the Megatron-LM glue above), `energon` (stable ids and target counts on Energon data,
+``examples/multimodal``). ``regate-train`` is built on the same pieces: its step is a
 `ReGateForwardBackward` (view `expanded_view`), its loss `regate_loss`, its model adopted by
 `adopt_llava` and its EMA saved by `carry_regate_state`.
 """
@@ -33,12 +34,14 @@ from regate_megatron.megatron_lm.batch import (
     multimodal_train_view,
     pretrain_vlm_view,
 )
+from regate_megatron.megatron_lm.energon import EnergonIds, EnergonView, shared_target_counts
 from regate_megatron.megatron_lm.flags import check_args, extra_args_provider
 from regate_megatron.megatron_lm.hooks import (
     adopt_model,
     adopting_provider,
     install,
     language_layer_spec,
+    multimodal_energon_view,
     routable_spec_factory,
     with_sample_ids,
 )
@@ -53,7 +56,8 @@ __all__ = [
     "expanded_view",
     "check_args", "extra_args_provider",
     "install", "language_layer_spec", "adopt_model", "with_sample_ids",
-    "routable_spec_factory", "adopting_provider",
+    "routable_spec_factory", "adopting_provider", "multimodal_energon_view",
+    "EnergonIds", "EnergonView", "shared_target_counts",
     "regate_loss", "regate_layer_spec", "adopt_llava", "language_model_of",
     "SampleIdDataset", "target_counts", "ReGateState", "carry_regate_state",
     "ReGateForwardBackward", "StepInfo",

@@ -44,6 +44,8 @@ def check_args(args: argparse.Namespace) -> ReGateConfig:
          "context parallelism shards the combined sequence; selections are per full sequence"),
         (getattr(args, "use_packed_sequence", False), "--use-packed-sequence",
          "packed sequences (THD) cannot be routed"),
+        ((getattr(args, "packing_buffer_size", None) or 0) > 0, "--packing-buffer-size",
+         "examples/multimodal packs samples into THD rows, which cannot be routed"),
         (getattr(args, "sequence_parallel", False), "--sequence-parallel",
          "the multimodal scripts pack sequences under sequence parallelism (packed_seq_params)"),
         (getattr(args, "apply_rope_fusion", False), "--apply-rope-fusion (the default; pass "

@@ -16,12 +16,14 @@ import numpy as np
 
 from regate_megatron.megatron_lm import sample_ids as _ids
 from regate_megatron.megatron_lm.batch import BatchView, pretrain_vlm_view
+from regate_megatron.megatron_lm.energon import EnergonView, shared_target_counts
 from regate_megatron.megatron_lm.flags import check_args
 from regate_megatron.megatron_lm.model import adopt_llava, regate_layer_spec
 from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
 
 __all__ = ["install", "language_layer_spec", "adopt_model", "with_sample_ids", "current",
-           "loss_checks", "routable_spec_factory", "adopting_provider"]
+           "loss_checks", "routable_spec_factory", "adopting_provider",
+           "multimodal_energon_view"]
 
 
 class _Run:
@@ -99,13 +101,39 @@ def _image_geometry(args):
     return img_seq_len, max_length, args.pipeline_model_parallel_size > 1
 
 
+def multimodal_energon_view(task_encoder, **dataset_kwargs) -> EnergonView:
+    """``examples/multimodal``'s batch view on Energon data (`EnergonView`): ids from the
+    samples' restore keys over ``--data-path``'s train split, padding untrained (the
+    tokenizer's pad token), and, for ``--regate-selector random`` without a store, one
+    counting pass through ``task_encoder()`` (the script's class; ``dataset_kwargs`` as the
+    script passes them to Energon, e.g. ``image_decode="pil"``)."""
+    def pad_token():
+        from megatron.training import get_tokenizer
+
+        return get_tokenizer().pad
+
+    return EnergonView(task_encoder, data_path=lambda: _args().data_path, pad_token=pad_token,
+                       **dataset_kwargs)
+
+
 def _target_layout(args, run: _Run):
-    """The reference store, or `TargetCounts` read off the training dataset (`_shared_counts`)."""
+    """The reference store, or `TargetCounts` read off the training data: the Energon pass
+    (`shared_target_counts`) or the map-style dataset's items (`_shared_counts`)."""
     from regate_megatron.scoring.ref_store import RefLossStore
     from regate_megatron.scoring.scorer import TargetCounts
 
+    energon = run.view if isinstance(run.view, EnergonView) else None
     if args.regate_ref_store is not None:
-        return RefLossStore.open(args.regate_ref_store)
+        store = RefLossStore.open(args.regate_ref_store)
+        if energon is not None and len(store) != energon.ids.num_samples:
+            raise ValueError(
+                f"--regate-ref-store {args.regate_ref_store} holds {len(store)} samples "
+                f"but {energon.data_path} has {energon.ids.num_samples}; the store was built "
+                f"for other data")
+        return store
+    if energon is not None:
+        img_seq_len, max_length, _ = _image_geometry(args)
+        return TargetCounts(shared_target_counts(energon, img_seq_len, max_length))
     return TargetCounts(_shared_counts(args, run))
 
 
