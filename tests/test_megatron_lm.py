@@ -2,6 +2,8 @@
 sequence, the step wrapper around Megatron-Core's real schedule at PP2 x DP2 against a
 hand-built regate-train step, and the EMA state inside the model's checkpoint state."""
 
+import contextlib
+import io
 from functools import partial
 
 import numpy as np
@@ -320,7 +322,10 @@ def _tp_checks(rank):
     ema = state.scorer.ema
     before = (ema.values.clone(), ema.vocab_ema.clone())
     # step 2: DP rank 1's losses are NaN -> no rank folds the step in
-    run(_step_batches(2, dp_rank, dp_size)[0], poison=dp_rank == 1)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run(_step_batches(2, dp_rank, dp_size)[0], poison=dp_rank == 1)
+    out["nan_log"] = log.getvalue()
     out["updated"].append(wrapper.last.ema_updated)
     out["nan_step_unchanged"] = all(torch.equal(torch.nan_to_num(x, nan=-1.0),
                                                 torch.nan_to_num(y, nan=-1.0))
@@ -344,6 +349,9 @@ def test_step_wrapper_at_tp2_without_iterator_nan_step_and_rerun():
         assert r["checked"] == 2 * LOCAL_MB
         assert r["updated"] == [True, True, False, True, False]
         assert r["nan_step_unchanged"] and r["skipped"] == 1
+    # the left-out step is said once, by the logging rank
+    said = [r["nan_log"] for r in results if "step 2 was left out of the EMA" in r["nan_log"]]
+    assert len(said) == 1 and "(1 steps left out so far)" in said[0]
 
 
 def test_loss_checks_follow_megatron_lm_flags(megatron_world):

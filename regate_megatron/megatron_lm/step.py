@@ -31,7 +31,7 @@ from typing import Callable, List, Optional
 import torch
 from megatron.core import parallel_state as ps
 
-from regate_megatron.core.roles import is_loss_rank, is_selection_source
+from regate_megatron.core.roles import is_logging_rank, is_loss_rank, is_selection_source
 from regate_megatron.core.selection import broadcast_selections
 from regate_megatron.megatron_lm.batch import BatchView, expand_targets
 from regate_megatron.megatron_lm.loss import regate_loss
@@ -166,6 +166,10 @@ class ReGateForwardBackward:
         info.ema_updated = scorer.end_step(update=not rerun)
         if info.ema_updated:
             self.folded_step = step
+        elif not rerun and scorer.config.enabled and is_logging_rank():
+            print(f"ReGATE: step {step} was left out of the EMA: a computed target's loss was "
+                  f"NaN/inf on some rank ({scorer.ema.skipped_updates} steps left out so far)",
+                  flush=True)
         return result
 
     def _scorer(self):
