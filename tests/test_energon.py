@@ -14,13 +14,14 @@ import torch
 
 energon = pytest.importorskip("megatron.energon", reason="megatron-energon is not installed")
 
+from dist import run_world  # noqa: E402
+
 from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from regate_megatron.megatron_lm.energon import (  # noqa: E402
     EnergonIds,
     EnergonView,
     shared_target_counts,
 )
-from tests.dist import run_world  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 IMG_SEQ_LEN, MAX_LENGTH = 3, 64
@@ -174,6 +175,14 @@ def test_view_masks_padding_as_the_script_does(data):
         assert torch.equal(view(batch).loss_mask,
                            ((labels != PAD) & (labels != IGNORE_INDEX)).float())
         padded += int((labels == PAD).sum())
+        # a tokenizer's own <image> id (examples/multimodal: the model's image_token_index)
+        # is the image placeholder when the view is told so
+        own = dict(batch, tokens=batch["tokens"].masked_fill(
+            batch["tokens"] == IMAGE_TOKEN_INDEX, 7))
+        told = EnergonView(CaptionEncoder, data_path=str(data / "blend.yaml"), pad_token=PAD,
+                           image_token=lambda: 7)
+        assert torch.equal(told(own).input_ids, view(batch).input_ids)
+        assert not bool((view(own).input_ids == IMAGE_TOKEN_INDEX).any())
     assert padded > 0  # the batches did pad
 
 

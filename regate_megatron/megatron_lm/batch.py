@@ -73,11 +73,16 @@ def pretrain_vlm_view(batch: dict) -> TextBatch:
                      batch["loss_mask"].float())
 
 
-def multimodal_train_view(batch: dict, pad_token: Optional[int] = None) -> TextBatch:
+def multimodal_train_view(batch: dict, pad_token: Optional[int] = None,
+                          image_token: Optional[int] = None) -> TextBatch:
     """Megatron-LM's ``examples/multimodal/train.py``: ``labels`` are one longer than
     ``tokens`` (the script drops the first), the loss mask is where a label is trained
-    (``!= IGNORE_INDEX`` and, given ``pad_token``, not padding), ``num_tiles`` per image."""
+    (``!= IGNORE_INDEX`` and, given ``pad_token``, not padding), ``num_tiles`` per image.
+    ``image_token``: the id the script's tokenizer gives ``<image>`` (its LLaVA model's
+    ``image_token_index``), when it is not ``IMAGE_TOKEN_INDEX``."""
     tokens = batch["tokens"].long()
+    if image_token is not None and image_token != IMAGE_TOKEN_INDEX:
+        tokens = tokens.masked_fill(tokens == image_token, IMAGE_TOKEN_INDEX)
     text_length = tokens.shape[1]
     labels = batch["labels"].long()[:, 1:text_length + 1]
     loss_mask = (labels != IGNORE_INDEX).float()

@@ -99,33 +99,43 @@ class EnergonView:
     `multimodal_train_view` (padding is not trained, as the script's loss mask) with the ids
     from the samples' restore keys, and the pass over the split that counts targets.
 
-    ``data_path``, ``pad_token``: values or zero-argument callables (resolved at first use,
-    e.g. from Megatron-LM's args and tokenizer). ``task_encoder``: a zero-argument factory
+    ``data_path``, ``pad_token``, ``image_token``: values or zero-argument callables
+    (resolved at first use, e.g. from Megatron-LM's args, tokenizer and model;
+    ``image_token`` as in `multimodal_train_view`). ``task_encoder``: a zero-argument factory
     of the script's task encoder. ``dataset_kwargs``: what the script passes to Energon's
     dataset builders besides the task encoder (``image_decode``, ``handler``, ...).
     """
 
     def __init__(self, task_encoder: Callable, data_path: Union[str, Callable],
-                 pad_token: Union[int, None, Callable] = None, split_part: str = "train",
+                 pad_token: Union[int, None, Callable] = None,
+                 image_token: Union[int, None, Callable] = None, split_part: str = "train",
                  **dataset_kwargs):
         self.task_encoder = task_encoder
-        self._data_path, self._pad_token = data_path, pad_token
+        self._given = {"data_path": data_path, "pad_token": pad_token,
+                       "image_token": image_token}
+        self._resolved: dict = {}
         self.split_part = split_part
         self.dataset_kwargs = dataset_kwargs
         self._ids: Optional[EnergonIds] = None
-        self._pad_resolved = False
+
+    def _value(self, name: str):
+        if name not in self._resolved:
+            given = self._given[name]
+            self._resolved[name] = given() if callable(given) else given
+        return self._resolved[name]
 
     @property
     def data_path(self) -> str:
-        path = self._data_path() if callable(self._data_path) else self._data_path
+        path = self._value("data_path")
         return path[0] if isinstance(path, (list, tuple)) else path
 
     @property
     def pad_token(self) -> Optional[int]:
-        if not self._pad_resolved:
-            pad = self._pad_token() if callable(self._pad_token) else self._pad_token
-            self._pad_token, self._pad_resolved = pad, True
-        return self._pad_token
+        return self._value("pad_token")
+
+    @property
+    def image_token(self) -> Optional[int]:
+        return self._value("image_token")
 
     @property
     def ids(self) -> EnergonIds:
@@ -137,7 +147,8 @@ class EnergonView:
         if "sample_ids" not in batch:
             rows = int(torch.as_tensor(batch["tokens"]).shape[0])
             batch = dict(batch, sample_ids=self.ids.batch_ids(batch, rows))
-        return multimodal_train_view(batch, pad_token=self.pad_token)
+        return multimodal_train_view(batch, pad_token=self.pad_token,
+                                     image_token=self.image_token)
 
     def count_targets(self, img_seq_len: int, max_length: int, rank: int = 0,
                       world_size: int = 1) -> Tuple[np.ndarray, np.ndarray]:

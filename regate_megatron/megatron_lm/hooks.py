@@ -33,6 +33,7 @@ class _Run:
         self.view = view
         self.state: Optional[ReGateState] = None
         self.train_dataset = None
+        self.llava = None  # what the adopted LLaVA model says: img_seq_len, image_token_index
 
 
 _RUN: Optional[_Run] = None
@@ -73,6 +74,9 @@ def adopt_model(model):
         if config.ref_store is not None:  # the layout is known: torch_dist can load into it
             run.state.attach(_build_scorer(args, run))
     adopt_llava(model, config)
+    if hasattr(model, "img_seq_len"):
+        run.llava = dict(img_seq_len=int(model.img_seq_len),
+                         image_token=getattr(model, "image_token_index", None))
     return carry_regate_state(model, run.state)
 
 
@@ -85,9 +89,14 @@ def with_sample_ids(dataset):
     return wrapped
 
 
-def _image_geometry(args):
-    """(slots per image tile, combined max length, padded under PP?) of the LLaVA run."""
+def _image_geometry(args, run: Optional[_Run] = None):
+    """(slots per image tile, combined max length, padded under PP?) of the LLaVA run; the
+    slots are what the adopted model says when there is one (``run``)."""
     from megatron.core.models.vision.clip_vit_model import get_num_image_embeddings
+
+    max_length = args.decoder_seq_length or args.seq_length
+    if run is not None and run.llava is not None:
+        return run.llava["img_seq_len"], max_length, args.pipeline_model_parallel_size > 1
 
     # the call both scripts make (examples/multimodal's flags, pretrain_vlm's defaults)
     img_seq_len = get_num_image_embeddings(
@@ -97,23 +106,27 @@ def _image_geometry(args):
         use_tile_tags=getattr(args, "use_tile_tags", False),
         max_num_tiles=getattr(args, "max_num_tiles", 0),
         tokenizer_type=getattr(args, "tokenizer_prompt_format", None))
-    max_length = args.decoder_seq_length or args.seq_length
     return img_seq_len, max_length, args.pipeline_model_parallel_size > 1
 
 
 def multimodal_energon_view(task_encoder, **dataset_kwargs) -> EnergonView:
     """``examples/multimodal``'s batch view on Energon data (`EnergonView`): ids from the
     samples' restore keys over ``--data-path``'s train split, padding untrained (the
-    tokenizer's pad token), and, for ``--regate-selector random`` without a store, one
-    counting pass through ``task_encoder()`` (the script's class; ``dataset_kwargs`` as the
-    script passes them to Energon, e.g. ``image_decode="pil"``)."""
+    tokenizer's pad token), the model's ``<image>`` id as the image placeholder, and, for
+    ``--regate-selector random`` without a store, one counting pass through
+    ``task_encoder()`` (the script's class; ``dataset_kwargs`` as the script passes them
+    to Energon, e.g. ``image_decode="pil"``)."""
     def pad_token():
         from megatron.training import get_tokenizer
 
         return get_tokenizer().pad
 
+    def image_token():
+        llava = current().llava
+        return None if llava is None else llava["image_token"]
+
     return EnergonView(task_encoder, data_path=lambda: _args().data_path, pad_token=pad_token,
-                       **dataset_kwargs)
+                       image_token=image_token, **dataset_kwargs)
 
 
 def _target_layout(args, run: _Run):
@@ -132,7 +145,7 @@ def _target_layout(args, run: _Run):
                 f"for other data")
         return store
     if energon is not None:
-        img_seq_len, max_length, _ = _image_geometry(args)
+        img_seq_len, max_length, _ = _image_geometry(args, run)
         return TargetCounts(shared_target_counts(energon, img_seq_len, max_length))
     return TargetCounts(_shared_counts(args, run))
 
@@ -168,7 +181,7 @@ def _shared_counts(args, run: _Run) -> np.ndarray:
     counts = np.zeros(n, dtype=np.int64)
     if run.train_dataset is not None:
         share = holders.index(rank)
-        img_seq_len, max_length, _ = _image_geometry(args)
+        img_seq_len, max_length, _ = _image_geometry(args, run)
         counts = _ids.target_counts(run.train_dataset, run.view, img_seq_len, max_length,
                                     indices=range(share, n, len(holders)))
     counts = summed(torch.from_numpy(counts)).numpy()  # sync point
@@ -237,7 +250,7 @@ def install(batch_view: BatchView = pretrain_vlm_view) -> None:
         if run.state is None:
             raise RuntimeError("--regate is set but the model provider did not call "
                                "regate_megatron.megatron_lm.adopt_model(model)")
-        img_seq_len, max_length, padded = _image_geometry(margs)
+        img_seq_len, max_length, padded = _image_geometry(margs, run)
         return ReGateForwardBackward(
             inner, run.state, run.view, img_seq_len=img_seq_len, max_length=max_length,
             pad_to_max_length=padded, step_of=lambda: _args().curr_iteration,
@@ -267,11 +280,22 @@ def routable_spec_factory(factory):
 
 
 def adopting_provider(model_provider):
-    """``model_provider`` followed by `adopt_model` on what it returns."""
+    """``model_provider`` followed by `adopt_model` on what it returns. Keywords the
+    provider does not declare are not passed on: at ``core_v0.16.1`` Megatron-LM's
+    ``get_model`` passes ``config=`` and ``pg_collection=``, which ``examples/multimodal``'s
+    provider of that tag does not take (it builds its configs from the args; later tags
+    declare them), so the stock script stops there with a TypeError."""
+    import inspect
+
     if getattr(model_provider, "_regate", False):
         return model_provider
+    params = inspect.signature(model_provider).parameters.values()
+    declared = (None if any(p.kind is p.VAR_KEYWORD for p in params)
+                else {p.name for p in params})
 
     def provider(*args, **kwargs):
+        if declared is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in declared}
         return adopt_model(model_provider(*args, **kwargs))
 
     provider._regate = True
