@@ -1,6 +1,7 @@
-"""patches/ against a Megatron-LM checkout (``MEGATRON_LM_DIR``, the pinned tag of
-patches/README.md): each patch applies with ``git apply --check`` and the patched script
-imports, with ReGATE's flags, provider and schedule hook in place."""
+"""patches/ against a Megatron-LM checkout (``MEGATRON_LM_DIR``, a tag with a patch set in
+patches/README.md; the set is the one `patch_set` picks for the checkout): each patch
+applies with ``git apply --check`` and the patched script imports, with ReGATE's flags,
+provider and schedule hook in place."""
 
 import os
 import re
@@ -11,12 +12,18 @@ import textwrap
 
 import pytest
 
+from regate_megatron.megatron_lm.patch_set import patch_set
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATCHES = os.path.join(ROOT, "patches")
 MLM = os.environ.get("MEGATRON_LM_DIR")
 needs_mlm = pytest.mark.skipif(
-    not MLM, reason="MEGATRON_LM_DIR is not set: point it at a Megatron-LM checkout of the tag "
-                    "pinned in patches/README.md to check the patches (CI has none)")
+    not MLM, reason="MEGATRON_LM_DIR is not set: point it at a Megatron-LM checkout of a tag "
+                    "with a patch set in patches/ to check the patches (CI has none)")
+
+
+def patch_path(name):
+    """``name`` in the patch set for the checkout (patches/core_vX.Y.Z/)."""
+    return os.path.join(patch_set(MLM, os.path.join(ROOT, "patches")), name)
 
 CASES = {
     "pretrain_vlm.patch": (["pretrain_vlm.py"], "", "pretrain_vlm", """
@@ -38,7 +45,7 @@ CASES = {
 @needs_mlm
 @pytest.mark.parametrize("patch", sorted(CASES))
 def test_patch_applies_and_the_patched_script_imports(patch, tmp_path):
-    path = os.path.join(PATCHES, patch)
+    path = patch_path(patch)
     check = subprocess.run(["git", "apply", "--check", "-v", path], cwd=MLM,
                            capture_output=True, text=True)
     assert check.returncode == 0, f"git apply --check {patch} in {MLM}:\n{check.stderr}"
@@ -169,8 +176,7 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
                             str(mlm)], capture_output=True, text=True, timeout=300)
     assert carry.returncode == 0, carry.stderr[-3000:]
     shutil.copytree(os.path.join(MLM, "examples", "multimodal"), mlm / "examples" / "multimodal")
-    applied = subprocess.run(["git", "apply", os.path.join(PATCHES,
-                                                           "examples_multimodal_train.patch")],
+    applied = subprocess.run(["git", "apply", patch_path("examples_multimodal_train.patch")],
                              cwd=mlm, capture_output=True, text=True,
                              env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
     assert applied.returncode == 0, applied.stderr
