@@ -13,6 +13,7 @@ script run as they are.
 """
 
 import contextlib
+import inspect
 import os
 import runpy
 import sys
@@ -25,6 +26,42 @@ from regate_megatron.core import cpu_compat
 def _set(owner, name, value, answered):
     setattr(owner, name, value)
     answered.append(f"{getattr(owner, '__name__', owner)}.{name}")
+
+
+def multimodal_tokenizer_path(answered: list) -> None:
+    """Not a CPU answer: Megatron-Core 0.19.x's ``build_tokenizer`` gives a
+    ``MultimodalTokenizer`` no path ("Tokenizer path must be specified.", so the stock
+    ``examples/multimodal`` cannot start at ``core_v0.19.0``); later Megatron-LM passes
+    ``--tokenizer-model``, as this does. Only where that line is missing."""
+    import types
+
+    try:
+        import megatron.core.tokenizers.utils.build_tokenizer as bt
+    except ImportError:  # Megatron-LM < 0.19 builds its tokenizers elsewhere
+        return
+    import megatron.training.global_vars as global_vars
+
+    if getattr(global_vars, "build_tokenizer", None) is not bt.build_tokenizer:
+        return
+    branch = inspect.getsource(bt.build_tokenizer).split("== 'MultimodalTokenizer':")[-1]
+    if "tokenizer_path = args.tokenizer_model" in branch.split("elif")[0]:
+        return
+    original, cls = bt.build_tokenizer, bt.MegatronTokenizer
+
+    def build_tokenizer(args, **kwargs):
+        if args.tokenizer_type != "MultimodalTokenizer":
+            return original(args, **kwargs)
+
+        def from_pretrained(tokenizer_path=None, **kw):
+            return cls.from_pretrained(tokenizer_path=tokenizer_path or args.tokenizer_model, **kw)
+
+        bt.MegatronTokenizer = types.SimpleNamespace(from_pretrained=from_pretrained)
+        try:
+            return original(args, **kwargs)
+        finally:
+            bt.MegatronTokenizer = cls
+
+    _set(global_vars, "build_tokenizer", build_tokenizer, answered)
 
 
 def answer_cuda_on_cpu() -> list:
@@ -58,7 +95,7 @@ def answer_cuda_on_cpu() -> list:
     # _compile_dependencies runs `make` where the wheel has the helpers already built
     _set(dataset_utils, "compile_helpers", lambda: None, answered)
     # the fused-kernel warm-up allocates on "cuda"; nothing to warm up on CPU
-    _set(initialize, "_warmup_jit_function", lambda: None, answered)
+    _set(initialize, "_warmup_jit_function", lambda *a, **k: None, answered)  # 0.19: tp_size=
     # validate_args asks the GPU architecture at TP > 1: answer Hopper, like the H200
     _set(training_utils, "get_device_arch_version", lambda: 9, answered)
     if hasattr(arguments, "get_device_arch_version"):
@@ -75,6 +112,7 @@ def answer_cuda_on_cpu() -> list:
 
 if __name__ == "__main__":
     answered = answer_cuda_on_cpu()
+    multimodal_tokenizer_path(answered)
     if int(os.environ.get("RANK", "0")) == 0:
         print("[megatron_lm_cpu] CPU answers for:", ", ".join(answered), flush=True)
     script = os.path.abspath(sys.argv[1])

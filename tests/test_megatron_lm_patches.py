@@ -156,6 +156,30 @@ def test_patched_pretrain_vlm_trains_saves_and_resumes_on_cpu(tmp_path):
     assert int((~torch.isnan(after)).sum()) > observed  # steps 7-8 added their samples
 
 
+STOCK_FIXES_V019 = {  # stock core_v0.19.0 examples/multimodal does not start without them
+    "train.py": [  # it calls pretrain_cfg_container_from_args unimported, and leaves it out
+        ("from megatron.training import get_args,",
+         "from megatron.training.argument_utils import pretrain_cfg_container_from_args\n"
+         "from megatron.training import get_args,"),
+        ("    pretrain(\n        train_valid_test_dataloaders_provider,",
+         "    pretrain(\n        full_config,\n        train_valid_test_dataloaders_provider,")],
+    "model.py": [  # its MLP specs are functools.partial(MLP.as_mlp_submodule, submodules=...)
+        ("get_mlp_module_spec(use_te=use_te).submodules",
+         "get_mlp_module_spec(use_te=use_te).keywords['submodules']")],
+}
+
+
+def fix_stock_examples_multimodal_v019(script_dir):
+    """The stock fixes the core_v0.19.0 script needs (patches/README.md), in the test's copy
+    only; the MultimodalTokenizer path is given by tests/megatron_lm_cpu.py."""
+    for name, edits in STOCK_FIXES_V019.items():
+        text = (script_dir / name).read_text()
+        for old, new in edits:
+            assert text.count(old) == 1, f"{name}: {old!r}"
+            text = text.replace(old, new)
+        (script_dir / name).write_text(text)
+
+
 @needs_mlm
 def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cpu(tmp_path):
     """Megatron-LM's examples/multimodal/train.py, patched, in its own pretrain() on CPU
@@ -181,6 +205,8 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
                              env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
     assert applied.returncode == 0, applied.stderr
     script_dir = mlm / "examples" / "multimodal"
+    if os.path.basename(patch_set(MLM, os.path.join(ROOT, "patches"))) == "core_v0.19.0":
+        fix_stock_examples_multimodal_v019(script_dir)
     data = make(tmp_path / "data", MLM)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -199,6 +225,9 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
              "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--attention-softmax-in-fp32",
              "--tokenizer-type", "MultimodalTokenizer", "--tokenizer-model", data["tokenizer"],
              "--tokenizer-prompt-format", "qwen2p0", "--data-path", data["data"],
+             # the script's default; at core_v0.19.0 the core flag --tokenizer-special-tokens
+             # (same dest, default None) shadows it
+             "--special-tokens", "<image>",
              "--prompt-path", str(script_dir / "manual_prompts.json"),
              "--dataloader-type", "external", "--num-workers", "0", "--split", "100,0,0",
              "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
