@@ -198,7 +198,8 @@ export -f stage_pipeline
 PYTHONPATH="$(mcore_path 0.16.1)" run_stage pipeline 1 150 110 stage_pipeline
 
 # ---------------------------------------------------------------- Megatron-LM's pretrain()
-# The patched pretrain_vlm.py of the pinned Megatron-LM tag (patches/README.md), carried as
+# The patched pretrain_vlm.py of a Megatron-LM core_v0.16.1 checkout (patches/core_v0.16.1,
+# the Megatron-Core this stage installs; patches/README.md), carried as
 # MEGATRON_LM_TRAINING_DIR (benchmarks/carry_megatron_lm.sh, ~2 MB; default .megatron_lm/):
 # --mock-data with ReGATE for 20 steps on one GPU saving at 10 and 20, the EMA checked in the
 # saved checkpoint, then resumed from it for 5 more steps.

@@ -9,7 +9,9 @@ answered here, in this launcher only: device count and selection, the CUDA RNG s
 checkpoints, the side stream around DDP construction, memory statistics, the JIT warm-up,
 the dataset helpers' build step, the GPU architecture query. Nothing of Megatron is
 replaced: its initialisation, training loop, schedules, checkpointing and the patched
-script run as they are.
+script run as they are. One stock bug, not a CPU answer, is bridged where present:
+Megatron-Core 0.19.x's ``build_tokenizer`` gives a ``MultimodalTokenizer`` no path
+(`multimodal_tokenizer_path`; patches/README.md, examples/multimodal at core_v0.19.0).
 """
 
 import contextlib
