@@ -21,9 +21,35 @@ needs_mlm = pytest.mark.skipif(
                     "with a patch set in patches/ to check the patches (CI has none)")
 
 
+def patch_dir():
+    """The patch set for the checkout (patches/core_vX.Y.Z/)."""
+    return patch_set(MLM, os.path.join(ROOT, "patches"))
+
+
 def patch_path(name):
-    """``name`` in the patch set for the checkout (patches/core_vX.Y.Z/)."""
-    return os.path.join(patch_set(MLM, os.path.join(ROOT, "patches")), name)
+    return os.path.join(patch_dir(), name)
+
+
+def test_patch_set_is_picked_from_the_checkouts_megatron_core_version(tmp_path):
+    """Exact version, else the newest earlier set of the same minor (the core_v0.19.0 tag's
+    package_info reads 0.19.1), else one line naming the version and the sets."""
+    def checkout(version):
+        info = tmp_path / version / "megatron" / "core" / "package_info.py"
+        info.parent.mkdir(parents=True)
+        major, minor, patch = version.split(".")
+        info.write_text(f"MAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\n")
+        return str(tmp_path / version)
+
+    patches = os.path.join(ROOT, "patches")
+    assert patch_set(checkout("0.16.1")) == os.path.join(patches, "core_v0.16.1")
+    assert patch_set(checkout("0.19.1")) == os.path.join(patches, "core_v0.19.0")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "regate_megatron", "megatron_lm",
+                                                       "patch_set.py"), checkout("0.16.0")],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "core_v0.16.0" in run.stderr
+    assert "core_v0.16.1, core_v0.19.0" in run.stderr
+
 
 CASES = {
     "pretrain_vlm.patch": (["pretrain_vlm.py"], "", "pretrain_vlm", """
@@ -205,7 +231,7 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
                              env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
     assert applied.returncode == 0, applied.stderr
     script_dir = mlm / "examples" / "multimodal"
-    if os.path.basename(patch_set(MLM, os.path.join(ROOT, "patches"))) == "core_v0.19.0":
+    if os.path.basename(patch_dir()) == "core_v0.19.0":
         fix_stock_examples_multimodal_v019(script_dir)
     data = make(tmp_path / "data", MLM)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
