@@ -11,11 +11,11 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRC="${1:?usage: carry_megatron_lm.sh MEGATRON_LM_CHECKOUT [DEST]}"
 DEST="${2:-$REPO/.megatron_lm}"
+PATCH="$("${PYTHON:-python3}" "$REPO/regate_megatron/megatron_lm/patch_set.py" "$SRC")/pretrain_vlm.patch"
 rm -rf "$DEST" && mkdir -p "$DEST/megatron"
 for d in training legacy rl post_training; do
     [ -d "$SRC/megatron/$d" ] && cp -r "$SRC/megatron/$d" "$DEST/megatron/"
 done
-PATCH="$("${PYTHON:-python3}" "$REPO/regate_megatron/megatron_lm/patch_set.py" "$SRC")/pretrain_vlm.patch"
 cp "$SRC"/{pretrain_vlm.py,pretrain_gpt.py,gpt_builders.py,model_provider.py} "$DEST/"
 # DEST may sit inside a git work tree (this checkout's .megatron_lm/): git apply would then
 # take the patch's paths from that tree's root and skip them, silently. Apply as plain files.
