@@ -215,7 +215,8 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
     through the script's TaskEncoder: a wrong id or count stops the step (the scorer checks
     every sample's targets), so 6 steps over the 12-sample blend (revisits included) check
     them. Then resume-equals-uninterrupted: from the step-3 checkpoint (model, optimizer,
-    EMA, Energon loader state) to 6 gives the same EMA, bit for bit."""
+    EMA, Energon loader state) to 6 gives the same EMA, bit for bit. Then two ranks at DP2
+    and at TP2."""
     pytest.importorskip("transformers", reason="examples/multimodal's tokenizer needs it")
     pytest.importorskip("megatron.energon", reason="examples/multimodal reads Energon data")
     import torch
@@ -268,12 +269,13 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
              "--regate-schedule", "constant", "--regate-keep-ratio", "0.5",
              "--distributed-backend", "gloo"]
 
-    def train(ckpt):
+    def train(ckpt, *more, ranks=1):
         run = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
              "--master-port", str(29400 + os.getpid() % 500),
              os.path.join(ROOT, "tests", "megatron_lm_cpu.py"), str(script_dir / "train.py"),
-             *flags, "--save", ckpt, "--load", ckpt, "--dataloader-save", f"{ckpt}/loader"],
+             *flags, "--save", ckpt, "--load", ckpt, "--dataloader-save", f"{ckpt}/loader",
+             *more],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         missing = [line for line in run.stderr.splitlines() if "ModuleNotFoundError" in line]
         if run.returncode and missing and "regate" not in missing[-1]:
@@ -309,3 +311,10 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
     assert resumed[4] == whole[4] and resumed[6] == whole[6], (whole, resumed)
     again = ema("b", 6)
     assert torch.equal(torch.nan_to_num(again, nan=-1.0), torch.nan_to_num(table, nan=-1.0))
+    # two ranks, DP2 then TP2 (the data loader on TP rank 0 only; TP rank 1 receives its
+    # selections): both ranks count a share, every step's ids and counts agree
+    for parallel in (["--tensor-model-parallel-size", "1"], ["--tensor-model-parallel-size", "2"]):
+        out, losses = train(f"tp{parallel[-1]}", *parallel, "--train-iters", "3", ranks=2)
+        assert f"ReGATE: target counts of {n} Energon samples" in out and "by 2 ranks" in out
+        assert sorted(losses) == [1, 2, 3]
+        assert ema(f"tp{parallel[-1]}", 3).numel() == table.numel()
