@@ -14,6 +14,7 @@ from fixtures_data import mixed_records, spm_model_path, spm_tokenizer, write_re
 
 from regate_megatron.config import ReGateConfig
 from regate_megatron.megatron_lm import (
+    KEPT_KEY,
     ReGateForwardBackward,
     ReGateState,
     SampleIdDataset,
@@ -209,7 +210,8 @@ def _step_checks(rank):
                                     img_seq_len=1, max_length=SEQ,
                                     build_scorer=lambda: _scorer(regate))
     ref_scorer = _scorer(regate)
-    out = {"losses": [], "ref_losses": [], "keep": [], "ref_keep": [], "grads_equal": []}
+    out = {"losses": [], "ref_losses": [], "keep": [], "ref_keep": [], "grads_equal": [],
+           "kept": [], "ref_kept": []}
     for step in range(3):
         batches, _ = _step_batches(step, dp_rank, dp_size)
         global_ids = sum((_step_batches(step, r, dp_size)[1] for r in range(dp_size)), [])
@@ -220,6 +222,11 @@ def _step_checks(rank):
                          micro_batch_size=MBS, decoder_seq_length=SEQ, forward_only=False)
         ref_losses, ref_sel = _reference_step(ref_model, ref_scorer, step, batches, global_ids)
         out["losses"].append([x["lm loss"] for x in losses])
+        # the kept fraction Megatron-LM logs: [computed targets, targets] per micro-batch
+        out["kept"].append([x[KEPT_KEY] for x in losses])
+        out["ref_kept"].append([torch.stack([s.computed_loss_mask().sum().float(),
+                                             s.target_mask.sum().float()]) for s in ref_sel]
+                               if losses else [])
         out["ref_losses"].append([x["lm loss"] for x in ref_losses])
         out["keep"].append([s.keep_index for s in wrapper.last_selections])
         out["ref_keep"].append([s.keep_index for s in ref_sel])
@@ -247,6 +254,11 @@ def test_step_wrapper_matches_regate_train_step_pp2_dp2():
         assert not torch.isnan(r["ema"][0]).all()
     last = [r for r in results if not r["first_stage"]]
     assert all(len(r["losses"][0]) == LOCAL_MB for r in last)
+    for r in last:  # the kept fraction's pair, and half the targets kept (keep ratio 0.5)
+        for kept, ref in zip(r["kept"], r["ref_kept"], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(kept, ref, strict=True))
+            computed, targets = torch.stack(kept).sum(0)
+            assert 0.45 < float(computed / targets) < 0.6
     # every model-parallel rank (both stages of a DP replica) routed the same tokens
     for dp in (0, 1):
         group = [r for r in results if r["dp_rank"] == dp]

@@ -45,7 +45,7 @@ from regate_megatron.megatron_lm.hooks import (
     routable_spec_factory,
     with_sample_ids,
 )
-from regate_megatron.megatron_lm.loss import regate_loss
+from regate_megatron.megatron_lm.loss import KEPT_KEY, regate_loss
 from regate_megatron.megatron_lm.model import adopt_llava, language_model_of, regate_layer_spec
 from regate_megatron.megatron_lm.sample_ids import SampleIdDataset, target_counts
 from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
@@ -58,7 +58,7 @@ __all__ = [
     "install", "language_layer_spec", "adopt_model", "with_sample_ids",
     "routable_spec_factory", "adopting_provider", "multimodal_energon_view",
     "EnergonIds", "EnergonView", "shared_target_counts",
-    "regate_loss", "regate_layer_spec", "adopt_llava", "language_model_of",
+    "regate_loss", "KEPT_KEY", "regate_layer_spec", "adopt_llava", "language_model_of",
     "SampleIdDataset", "target_counts", "ReGateState", "carry_regate_state",
     "ReGateForwardBackward", "StepInfo",
 ]

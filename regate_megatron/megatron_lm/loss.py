@@ -14,12 +14,18 @@ import torch
 
 from regate_megatron.core.selection import TokenSelection
 
-__all__ = ["regate_loss"]
+__all__ = ["regate_loss", "KEPT_KEY"]
+
+KEPT_KEY = "regate kept fraction"
+"""The loss dict's [computed targets, targets] of a micro-batch: Megatron-LM reduces such a
+pair over the micro-batches and DP ranks of a step into the step's kept fraction, printed in
+its iteration log line and written to TensorBoard under this name."""
 
 
 def regate_loss(selection: TokenSelection, records: Optional[List], output_tensor: torch.Tensor,
                 check: Optional[Callable[[torch.Tensor], None]] = None):
-    """Megatron loss function: ``(loss_sum, computed_count, {"lm loss": [sum, count]})``.
+    """Megatron loss function: ``(loss_sum, computed_count, {"lm loss": [sum, count],
+    KEPT_KEY: [computed count, target count]})``.
 
     ``output_tensor`` is the model's per-token loss [b, L] in the combined sequence;
     ``records`` (a list, or None) receives ``(per_token_loss, computed_mask)`` for the EMA;
@@ -40,4 +46,6 @@ def regate_loss(selection: TokenSelection, records: Optional[List], output_tenso
     if records is not None:
         records.append((output_tensor.detach().float(), computed))
     report = torch.stack([loss_sum.detach(), count.float()])
-    return loss_sum, count.int(), {"lm loss": report}
+    targets = selection.target_mask.to(output_tensor.device).sum()
+    kept = torch.stack([count.float(), targets.float()])
+    return loss_sum, count.int(), {"lm loss": report, KEPT_KEY: kept}
