@@ -191,9 +191,11 @@ def _counts_on_ranks(rank, path):
     before = np.random.get_state()[1].copy()
     counts = shared_target_counts(view, IMG_SEQ_LEN, MAX_LENGTH, log=lambda _: None)
     kept = bool((np.random.get_state()[1] == before).all())
-    # the pass a single process makes, for comparison (rank 0 only)
+    # the pass with 2 loader workers per rank, and a single process's (rank 0 only)
+    workers = shared_target_counts(view, IMG_SEQ_LEN, MAX_LENGTH, log=lambda _: None,
+                                   num_workers=2)
     alone = view.count_targets(IMG_SEQ_LEN, MAX_LENGTH)[0] if rank == 0 else None
-    return counts, kept, alone
+    return counts, kept, alone, workers
 
 
 def test_target_counts_of_a_three_rank_pass_equal_the_captions(data):
@@ -203,8 +205,8 @@ def test_target_counts_of_a_three_rank_pass_equal_the_captions(data):
         for k in range(shards * per):
             sample_id, count = _expected(f"{name}_{k:04d}")
             expected[sample_id] = count
-    for counts, kept, _ in results:
-        assert counts.tolist() == expected.tolist()
+    for counts, kept, _, workers in results:
+        assert counts.tolist() == expected.tolist() and workers.tolist() == expected.tolist()
         assert kept  # the prompt draws did not move the run's NumPy generator
     assert results[0][2].tolist() == expected.tolist()
 

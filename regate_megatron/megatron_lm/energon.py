@@ -151,17 +151,19 @@ class EnergonView:
                                      image_token=self.image_token)
 
     def count_targets(self, img_seq_len: int, max_length: int, rank: int = 0,
-                      world_size: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+                      world_size: int = 1, num_workers: int = 0
+                      ) -> Tuple[np.ndarray, np.ndarray]:
         """(targets, reads), int64 [num_samples] each: this rank's share of one in-order pass
-        over the split (Energon deals the split's samples to ``world_size`` ranks), each
-        sample's target count in the combined sequence and how often it was read (0 for a
-        sample the error handler skipped). The caller's random state is kept: task
-        encoders draw prompts from the global generators."""
+        over the split (Energon deals the split's samples to ``world_size`` ranks, and each
+        rank's to its ``num_workers`` loader processes), each sample's target count in the
+        combined sequence and how often it was read (0 for a sample the error handler
+        skipped). The caller's random state is kept: task encoders draw prompts from the
+        global generators."""
         from megatron.energon import WorkerConfig, get_loader, get_val_dataset
 
         counts = np.zeros(self.ids.num_samples, dtype=np.int64)
         reads = np.zeros(self.ids.num_samples, dtype=np.int64)
-        share = WorkerConfig(rank=rank, world_size=world_size, num_workers=0)
+        share = WorkerConfig(rank=rank, world_size=world_size, num_workers=num_workers)
         dataset = get_val_dataset(self.data_path, split_part=self.split_part,
                                   worker_config=share, batch_size=1,
                                   task_encoder=self.task_encoder(), **self.dataset_kwargs)
@@ -187,9 +189,11 @@ def _random_state_kept():
 
 
 def shared_target_counts(view: EnergonView, img_seq_len: int, max_length: int,
-                         group=None, log: Callable[[str], None] = print) -> np.ndarray:
+                         group=None, log: Callable[[str], None] = print,
+                         num_workers: int = 0) -> np.ndarray:
     """Every sample's target count, int64 [num_samples], identical on every rank of
-    ``group`` (collective; one all-reduce): each rank counts the share Energon deals it.
+    ``group`` (collective; one all-reduce): each rank counts the share Energon deals it,
+    with ``num_workers`` loader processes (the script's ``--num-workers``).
     Raises when a sample was read twice (the shares overlap); samples read by no rank (the
     script's error handler skipped them) count 0 targets and are reported."""
     import torch.distributed as dist
@@ -200,7 +204,7 @@ def shared_target_counts(view: EnergonView, img_seq_len: int, max_length: int,
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
     start = time.perf_counter()
-    counts, reads = view.count_targets(img_seq_len, max_length, rank, world)
+    counts, reads = view.count_targets(img_seq_len, max_length, rank, world, num_workers)
     both = torch.from_numpy(np.stack([counts, reads]))
     counts, reads = (summed(both, group) if distributed else both).numpy()  # sync point
     twice = np.flatnonzero(reads > 1)

@@ -146,7 +146,8 @@ def _target_layout(args, run: _Run):
         return store
     if energon is not None:
         img_seq_len, max_length, _ = _image_geometry(args, run)
-        return TargetCounts(shared_target_counts(energon, img_seq_len, max_length))
+        return TargetCounts(shared_target_counts(
+            energon, img_seq_len, max_length, num_workers=getattr(args, "num_workers", 0) or 0))
     return TargetCounts(_shared_counts(args, run))
 
 
