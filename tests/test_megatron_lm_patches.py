@@ -120,52 +120,71 @@ def test_carry_folder_for_the_gpu_check_is_patched_inside_a_git_work_tree(tmp_pa
     assert (dest / "megatron" / "training" / "training.py").is_file()
 
 
-@needs_mlm
-def test_patched_pretrain_vlm_trains_saves_and_resumes_on_cpu(tmp_path):
-    """Megatron-LM's own pretrain() through the patched pretrain_vlm.py, on CPU (gloo,
-    tests/megatron_lm_cpu.py), with the GPU check's stage flags (no bf16, 2 layers): ReGATE
-    (random selector) for 6 steps, saved at 3 and 6 with the EMA in the checkpoint, then
-    resumed to 8. The same folder the GPU check carries (benchmarks/carry_megatron_lm.sh)."""
+PRETRAIN_VLM_FLAGS = [
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1024",
+    "--decoder-num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--encoder-num-layers", "1", "--img-h", "32", "--img-w", "32", "--patch-dim", "16",
+    "--disable-vision-class-token", "--seq-length", "1024",
+    "--max-position-embeddings", "2048", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--lr", "1e-4", "--min-lr", "1e-5",
+    "--lr-decay-style", "constant", "--lr-decay-iters", "8", "--transformer-impl",
+    "local", "--no-persist-layer-norm", "--no-rope-fusion",
+    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--ckpt-format", "torch",
+    "--save", "ckpt", "--eval-iters", "0",
+    "--eval-interval", "1000", "--log-interval", "1", "--regate",
+    "--regate-selector", "random", "--regate-schedule", "constant",
+    "--regate-keep-ratio", "0.5", "--distributed-backend", "gloo"]
+
+
+def _carried_pretrain_vlm(tmp_path):
+    """The folder the GPU check carries (benchmarks/carry_megatron_lm.sh), and the command
+    and environment that run its patched pretrain_vlm.py on CPU (tests/megatron_lm_cpu.py)."""
     mlm = tmp_path / "mlm"
     carry = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "carry_megatron_lm.sh"), MLM,
                             str(mlm)], capture_output=True, text=True, timeout=300)
     assert carry.returncode == 0, carry.stderr[-3000:]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
                PYTHONPATH=os.pathsep.join([str(mlm), ROOT, os.environ.get("PYTHONPATH", "")]))
-    flags = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1024",
-             "--decoder-num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-             "--encoder-num-layers", "1", "--img-h", "32", "--img-w", "32", "--patch-dim", "16",
-             "--disable-vision-class-token", "--seq-length", "1024",
-             "--max-position-embeddings", "2048", "--micro-batch-size", "2",
-             "--global-batch-size", "4", "--lr", "1e-4", "--min-lr", "1e-5",
-             "--lr-decay-style", "constant", "--lr-decay-iters", "8", "--transformer-impl",
-             "local", "--no-persist-layer-norm", "--no-rope-fusion",
-             "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
-             "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--ckpt-format", "torch",
-             "--save", "ckpt", "--save-interval", "3", "--eval-iters", "0",
-             "--eval-interval", "1000", "--log-interval", "1", "--regate",
-             "--regate-selector", "random", "--regate-schedule", "constant",
-             "--regate-keep-ratio", "0.5", "--distributed-backend", "gloo"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+               "--master-port", str(29400 + os.getpid() % 500),
+               os.path.join(ROOT, "tests", "megatron_lm_cpu.py"), str(mlm / "pretrain_vlm.py"),
+               *PRETRAIN_VLM_FLAGS]
+    return command, env
+
+
+def _finished(run, script="pretrain_vlm.py"):
+    missing = [line for line in run.stderr.splitlines() if "ModuleNotFoundError" in line]
+    if run.returncode and missing and "regate" not in missing[-1]:
+        pytest.skip(f"{script} needs a package this environment lacks: {missing[-1]}")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return run.stdout
+
+
+def _saved_model(ckpt, step):
+    import torch
+
+    return torch.load(ckpt / f"iter_{step:07d}" / "mp_rank_00" / "model_optim_rng.pt",
+                      map_location="cpu", weights_only=False)["model"]
+
+
+@needs_mlm
+def test_patched_pretrain_vlm_trains_saves_and_resumes_on_cpu(tmp_path):
+    """Megatron-LM's own pretrain() through the patched pretrain_vlm.py, on CPU (gloo,
+    tests/megatron_lm_cpu.py), with the GPU check's stage flags (no bf16, 2 layers): ReGATE
+    (random selector) for 6 steps, saved at 3 and 6 with the EMA in the checkpoint, then
+    resumed to 8. The same folder the GPU check carries (benchmarks/carry_megatron_lm.sh)."""
+    import torch
+
+    command, env = _carried_pretrain_vlm(tmp_path)
 
     def pretrain(*more):
-        run = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-             "--master-port", str(29400 + os.getpid() % 500),
-             os.path.join(ROOT, "tests", "megatron_lm_cpu.py"), str(mlm / "pretrain_vlm.py"),
-             *flags, *more], cwd=tmp_path, env=env, capture_output=True, text=True,
-            timeout=900)
-        missing = [line for line in run.stderr.splitlines() if "ModuleNotFoundError" in line]
-        if run.returncode and missing and "regate" not in missing[-1]:
-            pytest.skip(f"pretrain_vlm.py needs a package this environment lacks: {missing[-1]}")
-        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-        return run.stdout
+        return _finished(subprocess.run([*command, "--save-interval", "3", *more], cwd=tmp_path,
+                                        env=env, capture_output=True, text=True, timeout=900))
 
     out = pretrain("--train-iters", "6")
     assert "iteration        6/       6" in out and "ReGATE: target counts of" in out
-    import torch
-
-    saved = torch.load(tmp_path / "ckpt" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt",
-                       map_location="cpu", weights_only=False)["model"]
+    saved = _saved_model(tmp_path / "ckpt", 6)
     table, vocab = saved["regate.ema_table"], saved["regate.vocab_ema"]
     observed = int((~torch.isnan(table)).sum())
     # 6 steps x 4 distinct samples (the sequential sampler), each keeping half of its 1024
@@ -174,12 +193,64 @@ def test_patched_pretrain_vlm_trains_saves_and_resumes_on_cpu(tmp_path):
     assert int((~torch.isnan(vocab)).sum()) > 0
     out = pretrain("--train-iters", "8", "--load", "ckpt", "--override-opt_param-scheduler")
     assert "iteration        8/       8" in out and "iteration        7/" in out
-    resumed = torch.load(tmp_path / "ckpt" / "iter_0000008" / "mp_rank_00" /
-                         "model_optim_rng.pt", map_location="cpu", weights_only=False)["model"]
-    after = resumed["regate.ema_table"]
+    after = _saved_model(tmp_path / "ckpt", 8)["regate.ema_table"]
     kept = ~torch.isnan(table)
     assert torch.equal(after[kept], table[kept])  # the first run's EMA came back unchanged
     assert int((~torch.isnan(after)).sum()) > observed  # steps 7-8 added their samples
+
+
+@needs_mlm
+def test_patched_pretrain_vlm_preempted_by_sigterm_resumes_like_uninterrupted(tmp_path):
+    """Preemption inside Megatron-LM's loop with ReGATE: SIGTERM to the training process
+    under --exit-signal-handler (what SLURM sends before a time limit) -> Megatron-LM saves
+    at the end of the step it is in and exits 0, the EMA in that checkpoint; the resumed run
+    to step k + 2 ends with the EMA and weights of an uninterrupted run to k + 2."""
+    import signal
+    import time
+
+    import torch
+
+    command, env = _carried_pretrain_vlm(tmp_path)
+    # no dropout: the CPU launcher's answer for the CUDA RNG state does not put the RNG
+    # tracker's streams back on a resume
+    command += ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    preempted = subprocess.Popen([*command, "--train-iters", "1000", "--exit-signal-handler",
+                                  "--save", "pre", "--save-interval", "1000"], cwd=tmp_path,
+                                 env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, deadline = [], time.time() + 600
+    for line in preempted.stdout:  # wait for step 3, then signal the training process
+        lines.append(line)
+        if "iteration        3/" in line:
+            worker = subprocess.run(["pgrep", "-f", "-P", str(preempted.pid), "megatron_lm_cpu"],
+                                    capture_output=True, text=True).stdout.split()
+            assert worker, "the training process was not found"
+            os.kill(int(worker[0]), signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)[-3000:]
+    out, err = preempted.communicate(timeout=600)
+    out = "".join(lines) + out
+    assert preempted.returncode == 0, (out + err)[-4000:]
+    assert "exiting program after receiving SIGTERM" in out
+    k = int((tmp_path / "pre" / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= k < 1000
+    assert int((~torch.isnan(_saved_model(tmp_path / "pre", k)["regate.ema_table"])).sum()) > 0
+
+    def pretrain(*more):  # the same --train-iters (the data's epoch follows it), to step k + 2
+        return _finished(subprocess.run([*command, "--train-iters", "1000", "--save-interval",
+                                         "1000", "--exit-interval", str(k + 2), *more],
+                                        cwd=tmp_path, env=env,
+                                        capture_output=True, text=True, timeout=900))
+
+    pretrain("--save", "pre", "--load", "pre")
+    pretrain("--save", "whole")
+    resumed, whole = _saved_model(tmp_path / "pre", k + 2), _saved_model(tmp_path / "whole", k + 2)
+    a, b = resumed["regate.ema_table"], whole["regate.ema_table"]
+    assert torch.equal(torch.nan_to_num(a, nan=-1.0), torch.nan_to_num(b, nan=-1.0)), (
+        k, int((~a.isnan()).sum()), int((~b.isnan()).sum()))
+    weights = [name for name in whole if not name.startswith("regate.")
+               and isinstance(whole[name], torch.Tensor)]
+    assert weights and all(torch.equal(resumed[n], whole[n]) for n in weights)
 
 
 STOCK_FIXES_V019 = {  # stock core_v0.19.0 examples/multimodal does not start without them
