@@ -15,7 +15,7 @@ from scoring_cases import tensor as _t
 
 from regate_megatron.core.selection import keep_count
 from regate_megatron.scoring.ema_table import EmaTable
-from regate_megatron.scoring.scorer import ReGateScorer
+from regate_megatron.scoring.scorer import ReGateScorer, TargetCounts
 from regate_megatron.scoring.scores import difficulty_of, fuse_scores, normalize_scores
 
 NAN = float("nan")
@@ -303,6 +303,16 @@ def test_scorer_errors_name_the_problem():
     with pytest.raises(ValueError, match="loss_mask has 2 target tokens "
                                          "but the reference-loss store has 3"):
         scorer.select(ids, labels, _t([[0, 1, 1, 0, 0], [1, 0, 0, 1, 0]]))
+    short = _t([[0, 1, 1, 0, 0], [1, 0, 0, 1, 0]])
+    with pytest.raises(ValueError, match="loss_mask has 2 target tokens "
+                                         "but the reference-loss store has 3"):
+        scorer.record(ids, labels, short, torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool))
+    # without a store (random selector): the counts read at the start name the cause
+    counted = ReGateScorer(_cfg(selector="random"), TargetCounts(np.diff(store.offsets)), 8)
+    counted.begin_step(0, ids)
+    with pytest.raises(ValueError, match="loss_mask has 2 target tokens but 3 were counted "
+                                         "at the start of the run.*--decoder-seq-length"):
+        counted.select(ids, labels, _t([[0, 1, 1, 0, 0], [1, 0, 0, 1, 0]]))
     other = ReGateScorer(_cfg(), store, 8)
     other.begin_step(0, [0])
     with pytest.raises(ValueError, match="sample 1 is not in this step's global batch"):

@@ -209,8 +209,23 @@ class ReGateScorer:
             )
         return ids, target_mask
 
-    def _flat_reference(self, ids: List[int], counts: List[int]) -> torch.Tensor:
-        """Reference losses of the samples' targets, concatenated: float32 [sum(counts)]."""
+    def _count_error(self, sample_id: int, got: int, expected: int) -> ValueError:
+        """A sample's targets differ from the layout the EMA table was sized by."""
+        if isinstance(self.ref_store, TargetCounts):
+            return ValueError(
+                f"sample {sample_id}: loss_mask has {got} target tokens but {expected} were "
+                f"counted at the start of the run; a sample's target count must not change "
+                f"between epochs (a prompt drawn at random can move where "
+                f"--decoder-seq-length / --seq-length cuts its answer: make it long enough "
+                f"that no answer is cut)")
+        return ValueError(
+            f"sample {sample_id}: loss_mask has {got} target tokens but the reference-loss "
+            f"store has {expected}; the store was built for other data or another tokenizer, "
+            f"rebuild it (regate-precompute-ref)")
+
+    def _checked_layout(self, ids: List[int], counts: List[int]):
+        """(starts, stored counts) of the samples in the table's layout, np.int64 [n] each;
+        raises when a sample's target count is not the layout's."""
         offsets = self.ema.offsets
         ids_np = np.asarray(ids, dtype=np.int64)
         starts = offsets[ids_np]
@@ -218,11 +233,12 @@ class ReGateScorer:
         wrong = np.flatnonzero(stored != np.asarray(counts, dtype=np.int64))
         if wrong.size:
             row = int(wrong[0])
-            raise ValueError(
-                f"sample {ids[row]}: loss_mask has {counts[row]} target tokens but the "
-                f"reference-loss store has {int(stored[row])}; the store was built for other "
-                f"data or another tokenizer, rebuild it (regate-precompute-ref)"
-            )
+            raise self._count_error(ids[row], counts[row], int(stored[row]))
+        return starts, stored
+
+    def _flat_reference(self, ids: List[int], counts: List[int]) -> torch.Tensor:
+        """Reference losses of the samples' targets, concatenated: float32 [sum(counts)]."""
+        starts, stored = self._checked_layout(ids, counts)
         flat_values = getattr(self.ref_store, "values", None)
         if flat_values is not None:  # one gather from the store's flat value array
             flat = np.repeat(starts - (np.cumsum(stored) - stored), stored) + np.arange(
@@ -300,6 +316,7 @@ class ReGateScorer:
         ids, target_mask, counts, labels = self._prepare(sample_ids, labels, loss_mask)
         selector = self.config.selector
         if selector == "random":
+            self._checked_layout(ids, counts)  # before any compute, naming the cause
             flat = torch.cat([random_scores(self.seed, self._step, sample_id, n)
                               for sample_id, n in zip(ids, counts, strict=True)]
                              + [torch.zeros(0)])
@@ -394,10 +411,8 @@ class ReGateScorer:
         counts = target_mask.sum(dim=1)
         expected_counts = self._layout.num_targets[first:first + len(ids)]
         if not torch.equal(counts, expected_counts):
-            raise ValueError(
-                f"record(): target counts {counts.tolist()} of samples {ids} differ from the "
-                f"reference-loss store's {expected_counts.tolist()}"
-            )
+            row = int((counts != expected_counts).nonzero()[0])
+            raise self._count_error(ids[row], int(counts[row]), int(expected_counts[row]))
         # A NaN/inf here is kept: `end_step` then leaves the whole step out on every rank.
         losses = per_token_loss.detach().cpu().to(torch.float64)
         # The micro-batch's targets, row-major, fill consecutive slots of the layout.
