@@ -18,6 +18,11 @@ A Megatron-LM multimodal script (``pretrain_vlm.py``) changes by these lines
     regate.install(batch_view=regate.pretrain_vlm_view)
     pretrain(...)
 
+``examples/multimodal/train.py`` (Energon data) rebinds its layer-spec factories and model
+provider instead (`routable_spec_factory`, `adopting_provider`) and installs
+``regate.multimodal_energon_view(TaskEncoder, image_decode="pil", ...)``: stable ids from
+the Energon restore keys, target counts through the script's own task encoder.
+
 Pieces: `flags` (``--regate-*``, refused settings), `model` (spec, adoption), `step`
 (`ReGateForwardBackward`), `loss` (`regate_loss`), `state` (EMA in the model's checkpoint
 state), `batch` / `sample_ids` (targets in the combined sequence, stable ids), `hooks`
