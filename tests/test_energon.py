@@ -57,6 +57,10 @@ def _build(root: Path) -> Path:
         (folder / ".nv-meta" / "dataset.yaml").write_text(
             "sample_type:\n  __module__: megatron.energon\n  __class__: CaptioningSample\n"
             "field_map:\n  image: png\n  caption: txt\n")
+    (root / "epochized.yaml").write_text(  # repetitions instead of weights
+        "__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n"
+        "    blend_epochized:\n" + "".join(f"      - repetitions: {2 - i}\n        path: {name}\n"
+                                           for i, name in enumerate(DATASETS)))
     (root / "blend.yaml").write_text(
         "__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n"
         "    blend:\n" + "".join(f"      - weight: 1\n        path: {name}\n"
@@ -158,6 +162,11 @@ def test_ids_follow_samples_through_blended_shuffled_training_loaders(data, num_
     restored = _train_loader(data / "blend.yaml", num_workers)
     restored.restore_state_rank(state)
     assert sum(_check_rows(view, b) for _, b in zip(range(5), restored)) == 10
+    # an epochized blend (repetitions): the same ids
+    epochized = _view(data / "epochized.yaml")
+    assert epochized.ids.lengths.tolist() == [10, 4]
+    assert sum(_check_rows(epochized, b) for _, b in
+               zip(range(8), _train_loader(data / "epochized.yaml", num_workers))) == 16
     # a single dataset path: no blend marker, dataset 0
     single = _view(data / "dsB")
     assert single.ids.lengths.tolist() == [4]
