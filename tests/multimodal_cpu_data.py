@@ -3,8 +3,8 @@
 ``make(root, mlm)`` writes under ``root``:
 
 - ``blend.yaml``: an Energon metadataset whose train split blends two captioning
-  webdatasets (``capsA``: 12 samples, ``capsB``: 6; png + txt, the last shard of each is
-  its val split; the val split reads ``capsA``'s), as
+  webdatasets (``capsA``: 12 samples, ``capsB``: 6; png one to three tiles wide + txt; the
+  last shard of each is its val split; the val split reads ``capsA``'s), as
   ``examples/multimodal/pretrain_dataset.yaml`` does with one;
 - ``tokenizer/``: a byte-level BPE HF tokenizer trained on the captions and the script's
   prompts, with the chatml specials the ``qwen2p0`` prompt format uses (``<image>`` is not
@@ -43,7 +43,8 @@ def _dataset(folder: Path, shards: int, per: int, rng) -> list:
         with wds.TarWriter(str(folder / f"shard_{s}.tar")) as writer:
             for k in range(s * per, (s + 1) * per):
                 png = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3),
+                wide = IMAGE_SIZE * int(rng.choice([1, 2, 3]))  # 1-3 tiles under --use-tiling
+                Image.fromarray(rng.integers(0, 255, (IMAGE_SIZE, wide, 3),
                                              dtype=np.uint8)).save(png, format="png")
                 writer.write({"__key__": f"{folder.name}_{k:04d}", "png": png.getvalue(),
                               "txt": captions[k]})

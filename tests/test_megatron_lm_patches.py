@@ -280,8 +280,9 @@ def fix_stock_examples_multimodal_v019(script_dir):
 @needs_mlm
 def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cpu(tmp_path):
     """Megatron-LM's examples/multimodal/train.py, patched, in its own pretrain() on CPU
-    (gloo, bf16, tests/megatron_lm_cpu.py): a tiny LLaVA (random 2 x 64 SigLIP, 2-layer LM)
-    on a blend of two Energon captioning webdatasets with ReGATE (random selector, keep
+    (gloo, bf16, tests/megatron_lm_cpu.py): a tiny LLaVA (random 2 x 64 SigLIP, 2-layer LM,
+    image tiling: 1-3 tiles and a thumbnail per image) on a blend of two Energon captioning
+    webdatasets with ReGATE (random selector, keep
     0.5). The ids come from the Energon restore keys and the target counts from one pass
     through the script's TaskEncoder: a wrong id or count stops the step (the scorer checks
     every sample's targets), so 6 steps over the 12-sample blend (revisits included) check
@@ -315,6 +316,8 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
     flags = ["--language-model-type", "mistral_7b", "--vision-model-type", data["vision"],
              "--freeze-ViT", "--num-layers", "2", "--hidden-size", "64",
              "--num-attention-heads", "4", "--img-h", "32", "--img-w", "32", "--patch-dim", "16",
+             # images of 1-3 tiles, plus a thumbnail tile: num_tiles varies per image
+             "--use-tiling", "--max-num-tiles", "4", "--use-thumbnail",
              "--seq-length", "4", "--decoder-seq-length", "128",
              "--max-position-embeddings", "128", "--dataloader-seq-length", "96",
              "--allow-missing-vision-projection-checkpoint", "--bf16",
