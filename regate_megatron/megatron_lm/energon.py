@@ -29,7 +29,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from regate_megatron.megatron_lm.batch import TextBatch, expand_targets, multimodal_train_view
+from regate_megatron.megatron_lm.batch import TextBatch, multimodal_train_view
+from regate_megatron.megatron_lm.sample_ids import targets_per_sample
 
 __all__ = ["EnergonIds", "EnergonView", "shared_target_counts"]
 
@@ -169,10 +170,9 @@ class EnergonView:
                                   task_encoder=self.task_encoder(), **self.dataset_kwargs)
         with _random_state_kept():
             for batch in get_loader(dataset):
-                text = self(batch)
-                _, mask = expand_targets(text, img_seq_len, max_length)
-                for row, sample_id in enumerate(text.sample_ids.tolist()):
-                    counts[sample_id] = int((mask[row] > 0).sum())
+                for sample_id, count in targets_per_sample(self(batch), img_seq_len,
+                                                           max_length):
+                    counts[sample_id] = count
                     reads[sample_id] += 1
         return counts, reads
 

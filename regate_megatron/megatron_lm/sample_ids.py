@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset, default_collate
 
-from regate_megatron.megatron_lm.batch import BatchView, expand_targets
+from regate_megatron.megatron_lm.batch import BatchView, TextBatch, expand_targets
 
-__all__ = ["SampleIdDataset", "with_sample_ids", "target_counts"]
+__all__ = ["SampleIdDataset", "with_sample_ids", "target_counts", "targets_per_sample"]
 
 
 class SampleIdDataset(Dataset):
@@ -51,6 +51,12 @@ def with_sample_ids(dataset):
     return None if dataset is None else SampleIdDataset(dataset)
 
 
+def targets_per_sample(text: TextBatch, img_seq_len: int, max_length: int):
+    """(sample id, target count in the combined sequence) of each row of ``text``."""
+    _, mask = expand_targets(text, img_seq_len, max_length)
+    return zip(text.sample_ids.tolist(), (mask > 0).sum(dim=1).tolist(), strict=True)
+
+
 def target_counts(dataset, view: BatchView, img_seq_len: int, max_length: int,
                   collate: Callable = default_collate, indices=None) -> np.ndarray:
     """int64 [len(dataset)]: target tokens of every sample in the combined sequence, indexed
@@ -59,10 +65,9 @@ def target_counts(dataset, view: BatchView, img_seq_len: int, max_length: int,
     counts = np.zeros(len(dataset), dtype=np.int64)
     for index in range(len(dataset)) if indices is None else indices:
         text = view(collate([dataset[index]]))
-        _, mask = expand_targets(text, img_seq_len, max_length)
-        sample_id = int(text.sample_ids[0])
-        if not 0 <= sample_id < len(dataset):
-            raise ValueError(f"sample id {sample_id} of item {index} is outside "
-                             f"[0, {len(dataset)}); ids must index the dataset")
-        counts[sample_id] = int((mask > 0).sum())
+        for sample_id, count in targets_per_sample(text, img_seq_len, max_length):
+            if not 0 <= sample_id < len(dataset):
+                raise ValueError(f"sample id {sample_id} of item {index} is outside "
+                                 f"[0, {len(dataset)}); ids must index the dataset")
+            counts[sample_id] = count
     return counts
