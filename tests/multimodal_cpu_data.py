@@ -32,30 +32,42 @@ def _captions(n: int, rng) -> list:
             for k in range(n)]
 
 
-def _dataset(folder: Path, shards: int, per: int, rng) -> list:
+def captioning_webdataset(folder: Path, captions: list, per_shard: int, image,
+                          splits: list) -> None:
+    """An Energon captioning webdataset in ``folder``: ``shard_<s>.tar`` holds ``per_shard``
+    samples, sample ``k`` keyed ``<folder name>_<k:04d>`` with a png of ``image()`` (uint8
+    [h, w, 3]) and the text ``captions[k]``; ``splits``: [(split, shard pattern)]."""
     import webdataset as wds
     from megatron.energon.flavors.webdataset import BaseWebdatasetFactory
     from PIL import Image
 
     folder.mkdir(parents=True)
-    captions = _captions(shards * per, rng)
+    shards = -(-len(captions) // per_shard)
     for s in range(shards):
         with wds.TarWriter(str(folder / f"shard_{s}.tar")) as writer:
-            for k in range(s * per, (s + 1) * per):
+            for k in range(s * per_shard, min((s + 1) * per_shard, len(captions))):
                 png = io.BytesIO()
-                wide = IMAGE_SIZE * int(rng.choice([1, 2, 3]))  # 1-3 tiles under --use-tiling
-                Image.fromarray(rng.integers(0, 255, (IMAGE_SIZE, wide, 3),
-                                             dtype=np.uint8)).save(png, format="png")
+                Image.fromarray(image()).save(png, format="png")
                 writer.write({"__key__": f"{folder.name}_{k:04d}", "png": png.getvalue(),
                               "txt": captions[k]})
     BaseWebdatasetFactory.prepare_dataset(
-        folder, [f"shard_{s}.tar" for s in range(shards)],
-        split_parts_patterns=[("train", f"shard_{{0..{shards - 2}}}.tar"),
-                              ("val", f"shard_{shards - 1}.tar")],
+        folder, [f"shard_{s}.tar" for s in range(shards)], split_parts_patterns=splits,
         workers=1, shuffle_seed=None)
     (folder / ".nv-meta" / "dataset.yaml").write_text(
-        "__module__: megatron.energon\n__class__: CaptioningWebdataset\n"
+        "sample_type:\n  __module__: megatron.energon\n  __class__: CaptioningSample\n"
         "field_map:\n  image: png\n  caption: txt\n")
+
+
+def _dataset(folder: Path, shards: int, per: int, rng) -> list:
+    captions = _captions(shards * per, rng)
+
+    def image():  # one to three tiles wide under --use-tiling
+        wide = IMAGE_SIZE * int(rng.choice([1, 2, 3]))
+        return rng.integers(0, 255, (IMAGE_SIZE, wide, 3), dtype=np.uint8)
+
+    captioning_webdataset(folder, captions, per, image,
+                          [("train", f"shard_{{0..{shards - 2}}}.tar"),
+                           ("val", f"shard_{shards - 1}.tar")])
     return captions
 
 

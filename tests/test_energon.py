@@ -4,7 +4,6 @@ without loader workers, across epochs and a savable loader's restore), the targe
 a three-rank pass equal what each caption says, and bad keys are named."""
 
 import dataclasses
-import io
 from pathlib import Path
 from typing import List
 
@@ -15,6 +14,7 @@ import torch
 energon = pytest.importorskip("megatron.energon", reason="megatron-energon is not installed")
 
 from dist import run_world  # noqa: E402
+from multimodal_cpu_data import captioning_webdataset  # noqa: E402
 
 from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from regate_megatron.megatron_lm.energon import (  # noqa: E402
@@ -33,30 +33,11 @@ def _caption(name: str, k: int) -> str:
 
 
 def _build(root: Path) -> Path:
-    import webdataset as wds
-    from megatron.energon.flavors.webdataset import BaseWebdatasetFactory
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for name, (shards, per) in DATASETS.items():
-        folder = root / name
-        folder.mkdir(parents=True)
-        k = 0
-        for s in range(shards):
-            with wds.TarWriter(str(folder / f"shard_{s}.tar")) as writer:
-                for _ in range(per):
-                    png = io.BytesIO()
-                    Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(
-                        png, format="png")
-                    writer.write({"__key__": f"{name}_{k:04d}", "png": png.getvalue(),
-                                  "txt": _caption(name, k)})
-                    k += 1
-        BaseWebdatasetFactory.prepare_dataset(
-            folder, [f"shard_{s}.tar" for s in range(shards)],
-            split_parts_ratio=[("train", 1.0)], workers=1, shuffle_seed=None)
-        (folder / ".nv-meta" / "dataset.yaml").write_text(
-            "sample_type:\n  __module__: megatron.energon\n  __class__: CaptioningSample\n"
-            "field_map:\n  image: png\n  caption: txt\n")
+        captioning_webdataset(root / name, [_caption(name, k) for k in range(shards * per)],
+                              per, lambda: rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),
+                              [("train", f"shard_{{0..{shards - 1}}}.tar")])
     (root / "epochized.yaml").write_text(  # repetitions instead of weights
         "__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n"
         "    blend_epochized:\n" + "".join(f"      - repetitions: {2 - i}\n        path: {name}\n"

@@ -95,11 +95,7 @@ def test_patch_applies_and_the_patched_script_imports(patch, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
-    missing = [line for line in run.stderr.splitlines() if "ModuleNotFoundError" in line]
-    if run.returncode and missing and "regate" not in missing[-1]:
-        pytest.skip(f"{module} needs a package this environment lacks: {missing[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "imported" in run.stdout
+    assert "imported" in _finished(run, module)
 
 
 @needs_mlm
@@ -137,13 +133,20 @@ PRETRAIN_VLM_FLAGS = [
     "--regate-keep-ratio", "0.5", "--distributed-backend", "gloo"]
 
 
-def _carried_pretrain_vlm(tmp_path):
-    """The folder the GPU check carries (benchmarks/carry_megatron_lm.sh), and the command
-    and environment that run its patched pretrain_vlm.py on CPU (tests/megatron_lm_cpu.py)."""
+def _carried(tmp_path):
+    """The folder the GPU check carries (benchmarks/carry_megatron_lm.sh) under ``tmp_path``:
+    megatron/training & co. of the checkout, its patched pretrain_vlm.py."""
     mlm = tmp_path / "mlm"
     carry = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "carry_megatron_lm.sh"), MLM,
                             str(mlm)], capture_output=True, text=True, timeout=300)
     assert carry.returncode == 0, carry.stderr[-3000:]
+    return mlm
+
+
+def _carried_pretrain_vlm(tmp_path):
+    """The carried folder, and the command and environment that run its patched
+    pretrain_vlm.py on CPU (tests/megatron_lm_cpu.py)."""
+    mlm = _carried(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
                PYTHONPATH=os.pathsep.join([str(mlm), ROOT, os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
@@ -294,10 +297,7 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
     import torch
     from multimodal_cpu_data import make
 
-    mlm = tmp_path / "mlm"
-    carry = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "carry_megatron_lm.sh"), MLM,
-                            str(mlm)], capture_output=True, text=True, timeout=300)
-    assert carry.returncode == 0, carry.stderr[-3000:]
+    mlm = _carried(tmp_path)
     shutil.copytree(os.path.join(MLM, "examples", "multimodal"), mlm / "examples" / "multimodal")
     applied = subprocess.run(["git", "apply", patch_path("examples_multimodal_train.patch")],
                              cwd=mlm, capture_output=True, text=True,
@@ -351,19 +351,13 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
              *flags, "--save", ckpt, "--load", ckpt, "--dataloader-save", f"{ckpt}/loader",
              *more],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-        missing = [line for line in run.stderr.splitlines() if "ModuleNotFoundError" in line]
-        if run.returncode and missing and "regate" not in missing[-1]:
-            pytest.skip(f"examples/multimodal needs a package this environment lacks: "
-                        f"{missing[-1]}")
-        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        out = _finished(run, "examples/multimodal")
         losses = {int(m.group(1)): m.group(2) for m in re.finditer(
-            r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|", run.stdout)}
-        return run.stdout, losses
+            r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|", out)}
+        return out, losses
 
     def ema(ckpt, step):
-        saved = torch.load(tmp_path / ckpt / f"iter_{step:07d}" / "mp_rank_00" /
-                           "model_optim_rng.pt", map_location="cpu", weights_only=False)
-        return saved["model"]["regate.ema_table"]
+        return _saved_model(tmp_path / ckpt, step)["regate.ema_table"]
 
     out, whole = train("a")
     n = data["train_samples"]
