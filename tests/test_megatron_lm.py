@@ -95,6 +95,12 @@ def test_flags_and_spec_and_sample_ids():
                                     regate_selector="random"))
     with pytest.raises(ValueError, match="--context-parallel-size"):
         check_args(bad)
+    packed = argparse.Namespace(**dict(vars(args), packing_buffer_size=64,
+                                       regate_selector="random"))
+    with pytest.raises(ValueError, match="--regate cannot be combined with "
+                                         "--packing-buffer-size: examples/multimodal packs"):
+        check_args(packed)
+    assert check_args(argparse.Namespace(**dict(vars(packed), packing_buffer_size=0))).enabled
     data = SampleIdDataset([_item(i) for i in range(4)])
     assert data[3]["sample_ids"] == 3
     counts = target_counts(data, pretrain_vlm_view, 1, SEQ)
