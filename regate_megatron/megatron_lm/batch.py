@@ -25,6 +25,7 @@ __all__ = [
     "TextBatch",
     "BatchView",
     "expand_targets",
+    "expand_tokens",
     "pretrain_vlm_view",
     "multimodal_train_view",
     "expanded_view",
@@ -99,6 +100,25 @@ def expanded_view(batch) -> TextBatch:
                      expanded=True)
 
 
+def _slots(text: TextBatch, img_seq_len: int):
+    """(is_image [b, t], last_slot [b, t], seq_lens [b]) of ``text`` in the combined
+    sequence: every image placeholder takes ``tiles * img_seq_len`` slots, a text token one;
+    ``last_slot`` is each token's last combined position (LLaVA's expansion)."""
+    input_ids = text.input_ids  # [b, t]
+    b, t = input_ids.shape
+    is_image = (input_ids == IMAGE_TOKEN_INDEX).cpu()  # [b, t]
+    num_images = int(is_image.sum())
+    tiles = (torch.ones(num_images, dtype=torch.long) if text.num_image_tiles is None
+             else torch.as_tensor(text.num_image_tiles).long().cpu())
+    if tiles.numel() != num_images:
+        raise ValueError(f"num_image_tiles has {tiles.numel()} entries for {num_images} image "
+                         f"placeholders in the batch")
+    width = torch.ones(b, t, dtype=torch.long)
+    width[is_image] = tiles * img_seq_len
+    last_slot = width.cumsum(1) - 1  # [b, t]
+    return is_image, last_slot, last_slot[:, -1] + 1
+
+
 def expand_targets(
     text: TextBatch,
     img_seq_len: int,
@@ -114,26 +134,14 @@ def expand_targets(
     """
     if text.expanded:  # [b, L] already
         return text.labels[:, :max_length], text.loss_mask[:, :max_length]
-    input_ids, labels, loss_mask = text.input_ids, text.labels, text.loss_mask  # [b, t]
-    b, t = input_ids.shape
-    is_image = input_ids == IMAGE_TOKEN_INDEX  # [b, t]
-    num_images = int(is_image.sum())
-    tiles = (torch.ones(num_images, dtype=torch.long) if text.num_image_tiles is None
-             else torch.as_tensor(text.num_image_tiles).long().cpu())
-    if tiles.numel() != num_images:
-        raise ValueError(f"num_image_tiles has {tiles.numel()} entries for {num_images} image "
-                         f"placeholders in the batch")
-    # Slots each text position occupies: 1, or tiles * img_seq_len for a placeholder.
-    width = torch.ones(b, t, dtype=torch.long)
-    width[is_image.cpu()] = tiles * img_seq_len
-    last_slot = width.cumsum(1) - 1  # [b, t] combined position of each token's last slot
-    seq_lens = last_slot[:, -1] + 1  # [b]
+    b = text.input_ids.shape[0]
+    is_image, last_slot, seq_lens = _slots(text, img_seq_len)
     length = int(seq_lens.max())
     if pad_to_max_length:
         length = max(length, max_length)
     out_labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
     out_mask = torch.zeros(b, length, dtype=torch.float32)
-    labels, loss_mask, is_image = labels.cpu(), loss_mask.cpu().float(), is_image.cpu()
+    labels, loss_mask = text.labels.cpu(), text.loss_mask.cpu().float()
     for i in range(b):
         text_pos = (~is_image[i]).nonzero().flatten()  # [n] text indices
         slot = last_slot[i, text_pos]  # [n] their combined positions
@@ -145,3 +153,21 @@ def expand_targets(
         before_image = before_image[before_image >= 0]
         out_mask[i, last_slot[i, before_image]] = 0.0
     return out_labels[:, :max_length], out_mask[:, :max_length]
+
+
+def expand_tokens(text: TextBatch, img_seq_len: int, max_length: int,
+                  pad_id: int) -> torch.Tensor:
+    """int64 [b, L]: the combined sequence's input ids, as `expand_targets` lays out the
+    targets (L the same): ``IMAGE_TOKEN_INDEX`` in every image slot, each text token at its
+    slot, ``pad_id`` after a sample's end, cut to ``max_length``."""
+    if text.expanded:
+        return text.input_ids[:, :max_length].long()
+    b = text.input_ids.shape[0]
+    is_image, last_slot, seq_lens = _slots(text, img_seq_len)
+    out = torch.full((b, int(seq_lens.max())), pad_id, dtype=torch.long)
+    input_ids = text.input_ids.cpu().long()
+    for i in range(b):
+        out[i, :int(seq_lens[i])] = IMAGE_TOKEN_INDEX
+        text_pos = (~is_image[i]).nonzero().flatten()
+        out[i, last_slot[i, text_pos]] = input_ids[i, text_pos]
+    return out[:, :max_length]

@@ -32,7 +32,7 @@ import torch
 from regate_megatron.megatron_lm.batch import TextBatch, multimodal_train_view
 from regate_megatron.megatron_lm.sample_ids import targets_per_sample
 
-__all__ = ["EnergonIds", "EnergonView", "shared_target_counts"]
+__all__ = ["EnergonIds", "EnergonView", "shared_target_counts", "random_state_kept"]
 
 DATASET_MARKERS = ("BlendDataset", "ConcatDataset")
 SAMPLE_MARKER = "Webdataset"
@@ -151,34 +151,49 @@ class EnergonView:
         return multimodal_train_view(batch, pad_token=self.pad_token,
                                      image_token=self.image_token)
 
+    def text_batches(self, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                     batch_size: int = 1):
+        """This rank's share of one in-order pass over the split, as `TextBatch` es of up to
+        ``batch_size`` samples through the script's task encoder: Energon deals the split's
+        samples to ``world_size`` ranks, and each rank's to its ``num_workers`` loader
+        processes. Task encoders draw prompts from the global generators: run the pass in
+        `random_state_kept` to leave the run's random state as it was."""
+        from megatron.energon import WorkerConfig, get_loader, get_val_dataset
+
+        share = WorkerConfig(rank=rank, world_size=world_size, num_workers=num_workers)
+        dataset = get_val_dataset(self.data_path, split_part=self.split_part,
+                                  worker_config=share, batch_size=batch_size,
+                                  task_encoder=self.task_encoder(), **self.dataset_kwargs)
+        for batch in get_loader(dataset):
+            yield self(batch)
+
     def count_targets(self, img_seq_len: int, max_length: int, rank: int = 0,
                       world_size: int = 1, num_workers: int = 0
                       ) -> Tuple[np.ndarray, np.ndarray]:
-        """(targets, reads), int64 [num_samples] each: this rank's share of one in-order pass
-        over the split (Energon deals the split's samples to ``world_size`` ranks, and each
-        rank's to its ``num_workers`` loader processes), each sample's target count in the
-        combined sequence and how often it was read (0 for a sample the error handler
-        skipped). The caller's random state is kept: task encoders draw prompts from the
-        global generators."""
-        from megatron.energon import WorkerConfig, get_loader, get_val_dataset
-
+        """(targets, reads), int64 [num_samples] each, over this rank's share of
+        `text_batches`: each sample's target count in the combined sequence and how often it
+        was read (0 for a sample the error handler skipped). The caller's random state is
+        kept."""
         counts = np.zeros(self.ids.num_samples, dtype=np.int64)
         reads = np.zeros(self.ids.num_samples, dtype=np.int64)
-        share = WorkerConfig(rank=rank, world_size=world_size, num_workers=num_workers)
-        dataset = get_val_dataset(self.data_path, split_part=self.split_part,
-                                  worker_config=share, batch_size=1,
-                                  task_encoder=self.task_encoder(), **self.dataset_kwargs)
-        with _random_state_kept():
-            for batch in get_loader(dataset):
-                for sample_id, count in targets_per_sample(self(batch), img_seq_len,
-                                                           max_length):
+        with random_state_kept():
+            for text in self.text_batches(rank, world_size, num_workers):
+                for sample_id, count in targets_per_sample(text, img_seq_len, max_length):
                     counts[sample_id] = count
                     reads[sample_id] += 1
         return counts, reads
 
+    def fingerprint(self, img_seq_len: int, max_length: int) -> dict:
+        """What a reference store built from this split must match: the data path, the
+        split, its datasets' lengths and the combined layout."""
+        return dict(data=str(self.data_path), split=self.split_part,
+                    lengths=self.ids.lengths.tolist(), img_seq_len=int(img_seq_len),
+                    max_length=int(max_length))
+
 
 @contextlib.contextmanager
-def _random_state_kept():
+def random_state_kept():
+    """Python's, NumPy's and torch's global random states are as they were afterwards."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         yield

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from regate_megatron.config import ReGateConfig, add_regate_args
 
-__all__ = ["extra_args_provider", "check_args", "regate_config_of"]
+__all__ = ["extra_args_provider", "add_script_args", "check_args", "regate_config_of"]
 
 
 def extra_args_provider(script_provider: Optional[Callable] = None) -> Callable:
@@ -23,10 +23,26 @@ def extra_args_provider(script_provider: Optional[Callable] = None) -> Callable:
     def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if script_provider is not None:
             parser = script_provider(parser) or parser
-        return add_regate_args(parser)
+        return add_script_args(add_regate_args(parser))
 
     provider._regate_flags = True
     return provider
+
+
+def add_script_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags only a Megatron-LM script has: the reference store built in the script
+    (`regate_megatron.megatron_lm.reference`)."""
+    group = parser.add_argument_group(title="ReGATE in a Megatron-LM script")
+    group.add_argument(
+        "--regate-build-ref-store", action="store_true",
+        help="When --regate-ref-store holds no store yet, build it before the first step with "
+             "the script's language model as loaded (the frozen text-only teacher; needs "
+             "--regate-teacher-visual drop and --pipeline-model-parallel-size 1), then train.")
+    group.add_argument(
+        "--regate-build-ref-store-exit", action="store_true",
+        help="Exit (status 0) once --regate-ref-store holds a store, built now or before, "
+             "instead of training (e.g. build at PP 1, train at PP N).")
+    return parser
 
 
 def regate_config_of(args: argparse.Namespace) -> ReGateConfig:
@@ -61,8 +77,19 @@ def check_args(args: argparse.Namespace) -> ReGateConfig:
     for bad, flag, why in refused:
         if bad:
             raise ValueError(f"--regate cannot be combined with {flag}: {why}")
+    build = getattr(args, "regate_build_ref_store", False)
+    if getattr(args, "regate_build_ref_store_exit", False) and not build:
+        raise ValueError("--regate-build-ref-store-exit needs --regate-build-ref-store")
+    if build and config.ref_store is None:
+        raise ValueError("--regate-build-ref-store needs --regate-ref-store PATH (where the "
+                         "store is built)")
+    if build and config.teacher_visual != "drop":
+        raise ValueError("--regate-build-ref-store needs --regate-teacher-visual drop: the "
+                         "script's attention (Transformer Engine, Megatron's fused causal "
+                         "softmax) does not read the explicit mask of the pad view, so the "
+                         "teacher reads the text with the image slots removed")
     if config.ref_store is None and config.selector != "random":
         raise ValueError(f"--regate-selector {config.selector} needs --regate-ref-store (build "
-                         f"it with regate-precompute-ref); only --regate-selector random runs "
-                         f"without one")
+                         f"it with --regate-build-ref-store, or regate-precompute-ref); only "
+                         f"--regate-selector random runs without one")
     return config

@@ -9,6 +9,7 @@ idempotent (a marker attribute), wraps the original, and does nothing until
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Optional
 
@@ -18,7 +19,7 @@ from regate_megatron.megatron_lm import sample_ids as _ids
 from regate_megatron.megatron_lm.batch import BatchView, pretrain_vlm_view
 from regate_megatron.megatron_lm.energon import EnergonView, shared_target_counts
 from regate_megatron.megatron_lm.flags import check_args
-from regate_megatron.megatron_lm.model import adopt_llava, regate_layer_spec
+from regate_megatron.megatron_lm.model import adopt_llava, language_model_of, regate_layer_spec
 from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
 
 __all__ = ["install", "language_layer_spec", "adopt_model", "with_sample_ids", "current",
@@ -34,6 +35,7 @@ class _Run:
         self.state: Optional[ReGateState] = None
         self.train_dataset = None
         self.llava = None  # what the adopted LLaVA model says: img_seq_len, image_token_index
+        self.model = None  # the adopted model (its language model builds a reference store)
 
 
 _RUN: Optional[_Run] = None
@@ -69,9 +71,14 @@ def adopt_model(model):
     if not config.enabled:
         return model
     run = current()
+    run.model = model
     if run.state is None:
         run.state = ReGateState(replicated=args.ckpt_format != "torch_dist")
-        if config.ref_store is not None:  # the layout is known: torch_dist can load into it
+        # torch_dist loads the EMA shards into the scorer's layout, so a store there is
+        # opened now; the torch format keeps a loaded EMA until the first step builds it,
+        # when the training data (and a store built from it) is there to check
+        if (config.ref_store is not None and not run.state.replicated
+                and _holds_store(config.ref_store)):
             run.state.attach(_build_scorer(args, run))
     adopt_llava(model, config)
     if hasattr(model, "img_seq_len"):
@@ -129,21 +136,134 @@ def multimodal_energon_view(task_encoder, **dataset_kwargs) -> EnergonView:
                        image_token=image_token, **dataset_kwargs)
 
 
-def _target_layout(args, run: _Run):
-    """The reference store, or `TargetCounts` read off the training data: the Energon pass
-    (`shared_target_counts`) or the map-style dataset's items (`_shared_counts`)."""
+def _holds_store(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "meta.json"))
+
+
+def _energon(run: _Run) -> Optional[EnergonView]:
+    return run.view if isinstance(run.view, EnergonView) else None
+
+
+def _training_data(args, run: _Run):
+    """(num_samples, texts(dp_rank, dp_size), fingerprint fields) of the training data, for
+    the teacher pass; None for a map-style dataset no rank has built yet. Collective."""
+    img_seq_len, max_length, _ = _image_geometry(args, run)
+    mbs = args.micro_batch_size
+    energon = _energon(run)
+    if energon is not None:
+        workers = getattr(args, "num_workers", 0) or 0
+        return (energon.ids.num_samples,
+                lambda dp_rank, dp_size: energon.text_batches(dp_rank, dp_size, workers, mbs),
+                energon.fingerprint(img_seq_len, max_length))
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from regate_megatron.training.parallel import summed
+
+    dataset = run.train_dataset
+    table = torch.zeros(dist.get_world_size(), 2, dtype=torch.long)  # [length, source lacks]
+    table[dist.get_rank()] = torch.tensor([
+        0 if dataset is None else len(dataset),
+        int(dataset is None and ps.get_tensor_model_parallel_rank() == 0)])
+    table = summed(table)  # sync point
+    lengths = set(table[:, 0].tolist()) - {0}
+    if not lengths:
+        return None
+    if len(lengths) > 1:
+        raise RuntimeError(f"the ranks' training datasets differ in length {sorted(lengths)}; "
+                           f"sample ids must index one dataset")
+    longest = lengths.pop()
+    if int(table[:, 1].sum()):
+        raise RuntimeError("--regate-build-ref-store reads the training data on each "
+                           "data-parallel replica's TP rank 0; one has no training dataset "
+                           "(wrap it with regate_megatron.megatron_lm.with_sample_ids)")
+    inner = getattr(dataset, "dataset", dataset)
+    return (longest,
+            lambda dp_rank, dp_size: _ids.text_batches(dataset, run.view,
+                                                       range(dp_rank, longest, dp_size), mbs),
+            dict(data=type(inner).__name__, num_samples=longest, img_seq_len=img_seq_len,
+                 max_length=max_length))
+
+
+def _reference_store(args, run: _Run):
+    """The opened ``--regate-ref-store``: built first with ``--regate-build-ref-store`` when
+    missing (collective), checked against this run's data and tokenizer, and the process
+    ended with ``--regate-build-ref-store-exit``."""
+    import torch.distributed as dist
+    from megatron.training import get_tokenizer
+
+    from regate_megatron.megatron_lm import reference
     from regate_megatron.scoring.ref_store import RefLossStore
+
+    path = args.regate_ref_store
+    data = None
+    if getattr(args, "regate_build_ref_store", False) and not _holds_store(path):
+        data = _training_data(args, run)
+        if data is None or run.model is None:
+            raise RuntimeError("--regate-build-ref-store: the training data or the model is "
+                               "not there yet (the store is built at the first step)")
+        num_samples, texts, fields = data
+        lm = language_model_of(run.model)
+        teacher = (f"the script's language model as loaded (--load {args.load}, "
+                   f"--pretrained-checkpoint {getattr(args, 'pretrained_checkpoint', None)}, "
+                   f"iteration {getattr(args, 'iteration', 0)})")
+        img_seq_len, max_length, _ = _image_geometry(args, run)
+        tokenizer = get_tokenizer()
+        reference.build_reference_store(
+            path, lm, texts, num_samples=num_samples, img_seq_len=img_seq_len,
+            max_length=max_length, pad_id=int(tokenizer.pad), log=_log,
+            meta=dict(teacher=teacher,
+                      tokenizer_sha256=reference.tokenizer_fingerprint(tokenizer),
+                      dataset_fingerprint=reference.fingerprint(fields)))
+    store = RefLossStore.open(path)
+    energon = _energon(run)
+    if energon is not None and len(store) != energon.ids.num_samples:
+        raise ValueError(
+            f"--regate-ref-store {path} holds {len(store)} samples but {energon.data_path} "
+            f"has {energon.ids.num_samples}; the store was built for other data")
+    if store.meta.get("built_by") == reference.BUILT_BY:
+        if data is None and (energon is not None or run.train_dataset is not None):
+            data = _training_data(args, run)
+        _check_built_store(store, data, get_tokenizer())
+    if getattr(args, "regate_build_ref_store_exit", False):
+        dist.barrier()
+        _log(f"ReGATE: --regate-build-ref-store-exit: the store at {store.path} is ready; "
+             f"exiting before training")
+        raise SystemExit(0)
+    return store
+
+
+def _check_built_store(store, data, tokenizer) -> None:
+    """A store built in a script must match this run's tokenizer and (when known) data."""
+    from regate_megatron.megatron_lm import reference
+
+    rebuild = (f"remove {store.path} and run with --regate-build-ref-store to rebuild it for "
+               f"this run")
+    if store.meta["tokenizer_sha256"] != reference.tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"--regate-ref-store {store.path} was built with another tokenizer "
+                         f"than this run's; {rebuild}")
+    if data is not None and store.meta["dataset_fingerprint"] != reference.fingerprint(data[2]):
+        raise ValueError(f"--regate-ref-store {store.path} was built for other training data "
+                         f"or another sequence layout than this run's ({data[2]}); {rebuild}")
+
+
+def _log(message: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _target_layout(args, run: _Run):
+    """The reference store (`_reference_store`), or `TargetCounts` read off the training
+    data: the Energon pass (`shared_target_counts`) or the map-style dataset's items
+    (`_shared_counts`)."""
     from regate_megatron.scoring.scorer import TargetCounts
 
-    energon = run.view if isinstance(run.view, EnergonView) else None
+    energon = _energon(run)
     if args.regate_ref_store is not None:
-        store = RefLossStore.open(args.regate_ref_store)
-        if energon is not None and len(store) != energon.ids.num_samples:
-            raise ValueError(
-                f"--regate-ref-store {args.regate_ref_store} holds {len(store)} samples "
-                f"but {energon.data_path} has {energon.ids.num_samples}; the store was built "
-                f"for other data")
-        return store
+        return _reference_store(args, run)
     if energon is not None:
         img_seq_len, max_length, _ = _image_geometry(args, run)
         return TargetCounts(shared_target_counts(

@@ -20,7 +20,8 @@ from torch.utils.data import Dataset, default_collate
 
 from regate_megatron.megatron_lm.batch import BatchView, TextBatch, expand_targets
 
-__all__ = ["SampleIdDataset", "with_sample_ids", "target_counts", "targets_per_sample"]
+__all__ = ["SampleIdDataset", "with_sample_ids", "target_counts", "targets_per_sample",
+           "text_batches"]
 
 
 class SampleIdDataset(Dataset):
@@ -57,17 +58,26 @@ def targets_per_sample(text: TextBatch, img_seq_len: int, max_length: int):
     return zip(text.sample_ids.tolist(), (mask > 0).sum(dim=1).tolist(), strict=True)
 
 
+def text_batches(dataset, view: BatchView, indices, batch_size: int = 1,
+                 collate: Callable = default_collate):
+    """The items ``indices`` of a map-style dataset, in order, as `TextBatch` es of up to
+    ``batch_size`` items (``view`` of their collated batch)."""
+    indices = list(indices)
+    for start in range(0, len(indices), batch_size):
+        yield view(collate([dataset[i] for i in indices[start:start + batch_size]]))
+
+
 def target_counts(dataset, view: BatchView, img_seq_len: int, max_length: int,
                   collate: Callable = default_collate, indices=None) -> np.ndarray:
     """int64 [len(dataset)]: target tokens of every sample in the combined sequence, indexed
     by sample id (reads each item once); with ``indices``, only those items are read and the
     other entries stay 0 (one rank's share, see `hooks`)."""
     counts = np.zeros(len(dataset), dtype=np.int64)
-    for index in range(len(dataset)) if indices is None else indices:
-        text = view(collate([dataset[index]]))
+    indices = range(len(dataset)) if indices is None else indices
+    for text in text_batches(dataset, view, indices, collate=collate):
         for sample_id, count in targets_per_sample(text, img_seq_len, max_length):
             if not 0 <= sample_id < len(dataset):
-                raise ValueError(f"sample id {sample_id} of item {index} is outside "
-                                 f"[0, {len(dataset)}); ids must index the dataset")
+                raise ValueError(f"sample id {sample_id} is outside [0, {len(dataset)}); ids "
+                                 f"must index the dataset")
             counts[sample_id] = count
     return counts
