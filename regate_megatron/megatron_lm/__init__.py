@@ -27,7 +27,9 @@ Pieces: `flags` (``--regate-*``, refused settings), `model` (spec, adoption), `s
 (`ReGateForwardBackward`), `loss` (`regate_loss`), `state` (EMA in the model's checkpoint
 state), `batch` / `sample_ids` (targets in the combined sequence, stable ids), `hooks`
 (the Megatron-LM glue above), `energon` (stable ids and target counts on Energon data,
-``examples/multimodal``). ``regate-train`` is built on the same pieces: its step is a
+``examples/multimodal``), `reference` (``--regate-build-ref-store``: the reference-loss
+store built by the script's own language model as loaded, at the first step).
+``regate-train`` is built on the same pieces: its step is a
 `ReGateForwardBackward` (view `expanded_view`), its loss `regate_loss`, its model adopted by
 `adopt_llava` and its EMA saved by `carry_regate_state`.
 """
@@ -35,6 +37,7 @@ state), `batch` / `sample_ids` (targets in the combined sequence, stable ids), `
 from regate_megatron.megatron_lm.batch import (
     TextBatch,
     expand_targets,
+    expand_tokens,
     expanded_view,
     multimodal_train_view,
     pretrain_vlm_view,
@@ -52,12 +55,13 @@ from regate_megatron.megatron_lm.hooks import (
 )
 from regate_megatron.megatron_lm.loss import KEPT_KEY, regate_loss
 from regate_megatron.megatron_lm.model import adopt_llava, language_model_of, regate_layer_spec
+from regate_megatron.megatron_lm.reference import build_reference_store
 from regate_megatron.megatron_lm.sample_ids import SampleIdDataset, target_counts
 from regate_megatron.megatron_lm.state import ReGateState, carry_regate_state
 from regate_megatron.megatron_lm.step import ReGateForwardBackward, StepInfo
 
 __all__ = [
-    "TextBatch", "expand_targets", "pretrain_vlm_view", "multimodal_train_view",
+    "TextBatch", "expand_targets", "expand_tokens", "pretrain_vlm_view", "multimodal_train_view",
     "expanded_view",
     "check_args", "extra_args_provider",
     "install", "language_layer_spec", "adopt_model", "with_sample_ids",
@@ -65,5 +69,5 @@ __all__ = [
     "EnergonIds", "EnergonView", "shared_target_counts",
     "regate_loss", "KEPT_KEY", "regate_layer_spec", "adopt_llava", "language_model_of",
     "SampleIdDataset", "target_counts", "ReGateState", "carry_regate_state",
-    "ReGateForwardBackward", "StepInfo",
+    "ReGateForwardBackward", "StepInfo", "build_reference_store",
 ]

@@ -186,17 +186,23 @@ def _training_data(args, run: _Run):
                  max_length=max_length))
 
 
-def _reference_store(args, run: _Run):
-    """The opened ``--regate-ref-store``: built first with ``--regate-build-ref-store`` when
-    missing (collective), checked against this run's data and tokenizer, and the process
-    ended with ``--regate-build-ref-store-exit``."""
-    import torch.distributed as dist
+def _script_tokenizer():
     from megatron.training import get_tokenizer
+
+    return get_tokenizer()
+
+
+def _reference_store(args, run: _Run, tokenizer=None):
+    """The opened ``--regate-ref-store``: built first with ``--regate-build-ref-store`` when
+    missing (collective), checked against this run's data and tokenizer (default: the
+    script's), and the process ended with ``--regate-build-ref-store-exit``."""
+    import torch.distributed as dist
 
     from regate_megatron.megatron_lm import reference
     from regate_megatron.scoring.ref_store import RefLossStore
 
     path = args.regate_ref_store
+    tokenizer = _script_tokenizer() if tokenizer is None else tokenizer
     data = None
     if getattr(args, "regate_build_ref_store", False) and not _holds_store(path):
         data = _training_data(args, run)
@@ -209,7 +215,6 @@ def _reference_store(args, run: _Run):
                    f"--pretrained-checkpoint {getattr(args, 'pretrained_checkpoint', None)}, "
                    f"iteration {getattr(args, 'iteration', 0)})")
         img_seq_len, max_length, _ = _image_geometry(args, run)
-        tokenizer = get_tokenizer()
         reference.build_reference_store(
             path, lm, texts, num_samples=num_samples, img_seq_len=img_seq_len,
             max_length=max_length, pad_id=int(tokenizer.pad), log=_log,
@@ -225,7 +230,7 @@ def _reference_store(args, run: _Run):
     if store.meta.get("built_by") == reference.BUILT_BY:
         if data is None and (energon is not None or run.train_dataset is not None):
             data = _training_data(args, run)
-        _check_built_store(store, data, get_tokenizer())
+        _check_built_store(store, data, tokenizer)
     if getattr(args, "regate_build_ref_store_exit", False):
         dist.barrier()
         _log(f"ReGATE: --regate-build-ref-store-exit: the store at {store.path} is ready; "

@@ -1,0 +1,240 @@
+"""The reference-loss store built inside a Megatron-LM script (``--regate-build-ref-store``):
+the combined sequence's tokens, the teacher's drop view, the build at TP2 x DP2 through the
+hooks against a per-sample forward written out here and a one-rank build, the store reopened
+and checked, and the flags refused before any compute."""
+
+import argparse
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from dist import run_world
+from torch.utils.data import default_collate
+
+from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from regate_megatron.megatron_lm import (
+    SampleIdDataset,
+    TextBatch,
+    check_args,
+    expand_targets,
+    expand_tokens,
+    extra_args_provider,
+    pretrain_vlm_view,
+    target_counts,
+)
+from regate_megatron.megatron_lm.sample_ids import text_batches
+
+SEQ, IMG_SEQ_LEN, MAX_LENGTH, N_SAMPLES, MBS = 12, 3, 20, 10, 2
+PAD = 0
+
+
+def _item(sample_id: int) -> dict:
+    """A pretrain_vlm-style item: ``sample_id % 6`` image placeholders (5 of them make the
+    combined sequence 22 > MAX_LENGTH long: its tail is cut), random text and labels."""
+    from models import VOCAB
+
+    g = torch.Generator().manual_seed(500 + sample_id)
+    tokens = torch.randint(1, VOCAB, (SEQ,), generator=g)
+    labels = torch.randint(1, VOCAB, (SEQ,), generator=g)
+    images = torch.randperm(SEQ - 1, generator=g)[:sample_id % 6] + 1
+    tokens[images] = IMAGE_TOKEN_INDEX
+    loss_mask = (torch.rand(SEQ, generator=g) < 0.7).float()
+    loss_mask[tokens == IMAGE_TOKEN_INDEX] = 0.0
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+
+
+def _dataset(n: int = N_SAMPLES) -> SampleIdDataset:
+    return SampleIdDataset([_item(i) for i in range(n)])
+
+
+def _tokenizer(shift: int = 0):
+    from models import VOCAB
+
+    return SimpleNamespace(pad=PAD, vocab_size=VOCAB,
+                           vocab={f"t{i}": (i + shift) % VOCAB for i in range(VOCAB)})
+
+
+def test_expand_tokens_lays_out_the_combined_sequence_like_its_targets():
+    """Each image placeholder takes tiles x img_seq_len slots of IMAGE_TOKEN_INDEX, text at
+    its slot, pad after the end; with labels that are the next text token, every target's
+    label is the combined token right after it."""
+    one = TextBatch(torch.tensor([0]), torch.tensor([[5, IMAGE_TOKEN_INDEX, 6, 7]]),
+                    torch.tensor([[9, 6, 7, 8]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]]),
+                    torch.tensor([2]))
+    assert expand_tokens(one, 3, 64, pad_id=0).tolist() == [[5] + [IMAGE_TOKEN_INDEX] * 6
+                                                             + [6, 7]]
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, 50, (3, 10), generator=g)
+    tokens[0, [2, 6]] = IMAGE_TOKEN_INDEX
+    tokens[1, 4] = IMAGE_TOKEN_INDEX
+    labels = torch.cat([tokens[:, 1:], torch.randint(1, 50, (3, 1), generator=g)], dim=1)
+    text = TextBatch(torch.arange(3), tokens, labels, torch.ones(3, 10), torch.tensor([1, 2, 1]))
+    combined = expand_tokens(text, 4, 64, pad_id=0)
+    out_labels, mask = expand_targets(text, 4, 64)
+    assert combined.shape == out_labels.shape == (3, 10 + 3 + 7)
+    targets = mask.bool()
+    assert int(targets.sum()) > 20
+    rows, cols = targets.nonzero(as_tuple=True)
+    lengths = (combined != 0).sum(1)  # text tokens are >= 1: 0 is the pad after the end
+    inside = cols + 1 < lengths[rows]  # a sample's last label is past its last token
+    assert int((~inside).sum()) == 3
+    assert torch.equal(out_labels[rows[inside], cols[inside]],
+                       combined[rows[inside], cols[inside] + 1])
+    assert (combined[2, 10:] == 0).all() and (combined[1, 10 + 7:] == 0).all()  # pad at the end
+    assert torch.equal(expand_tokens(text, 4, 12, pad_id=0), combined[:, :12])
+
+
+def _manual_reference(model, item: dict) -> np.ndarray:
+    """One sample's teacher losses, written out: the text positions whose combined slot
+    fits MAX_LENGTH, read alone (image placeholders removed, positions 0, 1, ...); a text
+    position is a target when its loss mask is set and the next position is not an image."""
+    tokens, labels, mask = item["tokens"], item["labels"], item["loss_mask"]
+    image = tokens == IMAGE_TOKEN_INDEX
+    width = torch.where(image, IMG_SEQ_LEN, 1)
+    last_slot = width.cumsum(0) - 1
+    text = (~image & (last_slot < MAX_LENGTH)).nonzero().flatten()
+    next_is_image = torch.cat([image[1:], torch.tensor([False])])
+    target = (mask > 0) & ~next_is_image
+    with torch.no_grad():
+        loss = model(input_ids=tokens[text][None], position_ids=torch.arange(text.numel())[None],
+                     attention_mask=None, labels=labels[text][None])[0]
+    return loss[target[text]].float().numpy()
+
+
+def _hook_args(path, **more):
+    args = argparse.Namespace(
+        regate_ref_store=str(path), regate_build_ref_store=True,
+        regate_build_ref_store_exit=False, micro_batch_size=MBS, seq_length=MAX_LENGTH,
+        decoder_seq_length=None, pipeline_model_parallel_size=1, load="/ckpt/lm",
+        pretrained_checkpoint=None, iteration=0)
+    vars(args).update(more)
+    return args
+
+
+def _run(model, n: int = N_SAMPLES):
+    from regate_megatron.megatron_lm.hooks import _Run
+
+    run = _Run(pretrain_vlm_view)
+    run.llava = dict(img_seq_len=IMG_SEQ_LEN, image_token=None)
+    run.model, run.train_dataset = model, _dataset(n)
+    return run
+
+
+def _hooks_build_checks(rank, full_state, path):
+    """TP2 x DP2: the hooks build the store at the first call, reopen it after, and refuse
+    another tokenizer or other data; --regate-build-ref-store-exit ends every rank with 0."""
+    from models import build_gpt, load_full_weights, tiny_config
+
+    from regate_megatron.megatron_lm.hooks import _reference_store
+
+    model = build_gpt(tiny_config())
+    load_full_weights(model, full_state)
+    model.train()
+    before = torch.get_rng_state()
+    store = _reference_store(_hook_args(path), _run(model), _tokenizer())
+    out = dict(offsets=np.asarray(store.offsets).copy(), values=np.asarray(store.values).copy(),
+               meta=dict(store.meta), training=model.training,
+               rng_kept=torch.equal(before, torch.get_rng_state()),
+               parts_left=os.path.exists(os.path.join(os.path.dirname(path),
+                                                      f".{os.path.basename(path)}.parts")))
+    built = os.stat(os.path.join(path, "meta.json")).st_mtime_ns
+    again = _reference_store(_hook_args(path), _run(model), _tokenizer())
+    out["reopened"] = (os.stat(os.path.join(path, "meta.json")).st_mtime_ns == built
+                       and np.array_equal(np.asarray(again.values), out["values"]))
+    errors = []
+    for run, tokenizer in ((_run(model), _tokenizer(shift=1)), (_run(model, N_SAMPLES - 2),
+                                                                _tokenizer())):
+        with pytest.raises(ValueError) as err:
+            _reference_store(_hook_args(path), run, tokenizer)
+        errors.append(str(err.value))
+    with pytest.raises(SystemExit) as ended:
+        _reference_store(_hook_args(path, regate_build_ref_store_exit=True), _run(model),
+                         _tokenizer())
+    out["exit_code"] = ended.value.code
+    out["errors"] = errors
+    return out
+
+
+def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
+        megatron_world, tmp_path):
+    """The hooks' build at TP2 x DP2 (TP rank 0 reads and broadcasts, each DP replica writes
+    its part, rank 0 merges) gives every sample's written-out teacher losses, the one-rank
+    build's store, and the target counts the scorer expects of the data."""
+    from models import build_gpt, tiny_config
+
+    from regate_megatron.megatron_lm.reference import build_reference_store
+    from regate_megatron.scoring.ref_store import RefLossStore
+
+    model = build_gpt(tiny_config())
+    model.eval()
+    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                  if not k.endswith("_extra_state")}
+    data = _dataset()
+    expected = [_manual_reference(model, data[i]) for i in range(N_SAMPLES)]
+    counts = target_counts(data, pretrain_vlm_view, IMG_SEQ_LEN, MAX_LENGTH)
+    assert [e.size for e in expected] == counts.tolist()
+    assert len(set(counts.tolist())) > 3  # the samples differ (images, cut, mask)
+    assert any(_item(i)["tokens"].eq(IMAGE_TOKEN_INDEX).sum() == 5 for i in range(N_SAMPLES))
+
+    single = tmp_path / "single"  # the same build on one rank (TP1 x DP1)
+    build_reference_store(
+        str(single), model,
+        lambda r, w: text_batches(data, pretrain_vlm_view, range(r, N_SAMPLES, w), 3),
+        num_samples=N_SAMPLES, img_seq_len=IMG_SEQ_LEN, max_length=MAX_LENGTH, pad_id=PAD,
+        meta=dict(teacher="t", tokenizer_sha256="s", dataset_fingerprint="d"), log=lambda m: None)
+    one = RefLossStore.open(str(single))
+
+    path = tmp_path / "store"
+    results = run_world(_hooks_build_checks, 4, tp=2, full_state=full_state, path=str(path))
+    first = results[0]
+    for r in results:  # every rank opened the same store
+        assert np.array_equal(r["offsets"], first["offsets"])
+        assert np.array_equal(r["values"], first["values"])
+        assert r["training"] and r["rng_kept"] and r["reopened"] and not r["parts_left"]
+        assert r["exit_code"] == 0
+        assert r["errors"] == first["errors"]
+    assert np.diff(first["offsets"]).tolist() == counts.tolist()
+    for i in range(N_SAMPLES):
+        got = first["values"][first["offsets"][i]:first["offsets"][i + 1]].astype(np.float32)
+        np.testing.assert_allclose(got, expected[i], rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(got, one[i].astype(np.float32), rtol=2e-3, atol=1e-3)
+    meta = first["meta"]
+    assert meta["built_by"] == "regate_megatron.megatron_lm" and meta["teacher_visual"] == "drop"
+    assert meta["num_samples"] == N_SAMPLES and "--load /ckpt/lm" in meta["teacher"]
+    tokenizer_error, data_error = first["errors"]
+    assert "built with another tokenizer" in tokenizer_error
+    assert "other training data" in data_error and "--regate-build-ref-store" in data_error
+
+
+def test_build_flags_are_checked_before_any_compute():
+    parse = extra_args_provider()(argparse.ArgumentParser()).parse_args
+    ok = parse(["--regate", "--regate-ref-store", "/s", "--regate-build-ref-store",
+                "--regate-teacher-visual", "drop", "--regate-build-ref-store-exit"])
+    assert check_args(ok).ref_store == "/s"
+    for flags, message in (
+            (["--regate-build-ref-store", "--regate-teacher-visual", "drop"],
+             "--regate-build-ref-store needs --regate-ref-store PATH"),
+            (["--regate-ref-store", "/s", "--regate-build-ref-store"],
+             "needs --regate-teacher-visual drop"),
+            (["--regate-ref-store", "/s", "--regate-build-ref-store-exit"],
+             "--regate-build-ref-store-exit needs --regate-build-ref-store"),
+            (["--regate-selector", "regate"], "build it with --regate-build-ref-store")):
+        with pytest.raises(ValueError, match=message):
+            check_args(parse(["--regate", *flags]))
+    assert not parse([]).regate_build_ref_store  # off unless asked
+
+
+def test_teacher_view_drops_image_slots_and_keeps_the_combined_targets():
+    from regate_megatron.megatron_lm.reference import teacher_view
+
+    text = pretrain_vlm_view(default_collate([_dataset()[i] for i in (4, 5)]))
+    view, combined = teacher_view(text, IMG_SEQ_LEN, MAX_LENGTH, PAD)
+    assert not (view["input_ids"] == IMAGE_TOKEN_INDEX).any()
+    assert torch.equal((view["loss_mask"] > 0).sum(1), (combined.loss_mask > 0).sum(1))
+    assert torch.equal(view["labels"][view["loss_mask"] > 0],
+                       combined.labels[combined.loss_mask > 0])
+    # the sample with 5 images is cut: its text after MAX_LENGTH is not in the view
+    assert int((view["input_ids"][1] != PAD).sum()) < SEQ - 5
+    assert (view["labels"][view["loss_mask"] == 0] == IGNORE_INDEX).any()  # the end's padding
