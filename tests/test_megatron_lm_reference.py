@@ -13,6 +13,7 @@ import torch
 from dist import run_world
 from torch.utils.data import default_collate
 
+from regate_megatron.config import ReGateConfig
 from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from regate_megatron.megatron_lm import (
     SampleIdDataset,
@@ -103,9 +104,24 @@ def _manual_reference(model, item: dict) -> np.ndarray:
     return loss[target[text]].float().numpy()
 
 
+def _pad_reference(model, item: dict) -> np.ndarray:
+    """One sample's teacher losses in ``regate-precompute-ref``'s pad view: the combined
+    sequence, image slots as pad tokens masked from attention by an explicit mask, dense."""
+    from regate_megatron.megatron_lm.reference import teacher_view
+    from regate_megatron.scoring.teacher import reference_losses, teacher_inputs
+
+    _, combined = teacher_view(pretrain_vlm_view(default_collate([item])), IMG_SEQ_LEN,
+                               MAX_LENGTH, PAD, "drop")
+    view = teacher_inputs(combined, pad_id=PAD, mode="pad")
+    with torch.no_grad():
+        loss = model(input_ids=view["input_ids"], position_ids=view["position_ids"],
+                     attention_mask=view["attention_mask"], labels=view["labels"])
+    return reference_losses(loss, view, combined)[0]
+
+
 def _hook_args(path, **more):
     args = argparse.Namespace(
-        regate_ref_store=str(path), regate_build_ref_store=True,
+        regate_ref_store=str(path), regate_build_ref_store=True, regate_teacher_visual="pad",
         regate_build_ref_store_exit=False, micro_batch_size=MBS, seq_length=MAX_LENGTH,
         decoder_seq_length=None, pipeline_model_parallel_size=1, load="/ckpt/lm",
         pretrained_checkpoint=None, iteration=0)
@@ -154,6 +170,10 @@ def _hooks_build_checks(rank, full_state, path):
                          _tokenizer())
     out["exit_code"] = ended.value.code
     out["errors"] = errors
+    drop = _reference_store(_hook_args(f"{path}-drop", regate_teacher_visual="drop"),
+                            _run(model), _tokenizer())
+    out["drop"] = (np.asarray(drop.offsets).copy(), np.asarray(drop.values).copy(),
+                   drop.meta["teacher_visual"])
     return out
 
 
@@ -169,22 +189,35 @@ def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
 
     model = build_gpt(tiny_config())
     model.eval()
+    with torch.no_grad():  # sharp attention: where a text token sits (pad vs drop) shows
+        for name, p in model.named_parameters():
+            if "linear_qkv.weight" in name:
+                p.mul_(16)
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()
                   if not k.endswith("_extra_state")}
     data = _dataset()
-    expected = [_manual_reference(model, data[i]) for i in range(N_SAMPLES)]
+    expected = {"drop": [_manual_reference(model, data[i]) for i in range(N_SAMPLES)],
+                "pad": [_pad_reference(model, data[i]) for i in range(N_SAMPLES)]}
     counts = target_counts(data, pretrain_vlm_view, IMG_SEQ_LEN, MAX_LENGTH)
-    assert [e.size for e in expected] == counts.tolist()
+    assert [e.size for e in expected["drop"]] == counts.tolist()
     assert len(set(counts.tolist())) > 3  # the samples differ (images, cut, mask)
     assert any(_item(i)["tokens"].eq(IMAGE_TOKEN_INDEX).sum() == 5 for i in range(N_SAMPLES))
 
-    single = tmp_path / "single"  # the same build on one rank (TP1 x DP1)
-    build_reference_store(
-        str(single), model,
-        lambda r, w: text_batches(data, pretrain_vlm_view, range(r, N_SAMPLES, w), 3),
-        num_samples=N_SAMPLES, img_seq_len=IMG_SEQ_LEN, max_length=MAX_LENGTH, pad_id=PAD,
-        meta=dict(teacher="t", tokenizer_sha256="s", dataset_fingerprint="d"), log=lambda m: None)
-    one = RefLossStore.open(str(single))
+    def build_alone(path, lm):  # the same build on one rank (TP1 x DP1)
+        build_reference_store(
+            str(path), lm,
+            lambda r, w: text_batches(data, pretrain_vlm_view, range(r, N_SAMPLES, w), 3),
+            num_samples=N_SAMPLES, img_seq_len=IMG_SEQ_LEN, max_length=MAX_LENGTH, pad_id=PAD,
+            meta=dict(teacher="t", tokenizer_sha256="s", dataset_fingerprint="d"),
+            log=lambda m: None)
+        return RefLossStore.open(str(path))
+
+    one = build_alone(tmp_path / "single", model)
+    partial = build_gpt(tiny_config(), regate=ReGateConfig(enabled=True, layers=(0, 1)))
+    with pytest.raises(ValueError, match="routes layers 0:1 of 2; build with "
+                                         "--regate-teacher-visual drop"):
+        build_alone(tmp_path / "partial", partial)
+    assert not os.path.exists(tmp_path / "partial")
 
     path = tmp_path / "store"
     results = run_world(_hooks_build_checks, 4, tp=2, full_state=full_state, path=str(path))
@@ -195,13 +228,27 @@ def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
         assert r["training"] and r["rng_kept"] and r["reopened"] and not r["parts_left"]
         assert r["exit_code"] == 0
         assert r["errors"] == first["errors"]
-    assert np.diff(first["offsets"]).tolist() == counts.tolist()
-    for i in range(N_SAMPLES):
-        got = first["values"][first["offsets"][i]:first["offsets"][i + 1]].astype(np.float32)
-        np.testing.assert_allclose(got, expected[i], rtol=2e-3, atol=1e-3)
-        np.testing.assert_allclose(got, one[i].astype(np.float32), rtol=2e-3, atol=1e-3)
+    drop_offsets, drop_values, drop_mode = first["drop"]
+    assert drop_mode == "drop" and all(np.array_equal(r["drop"][1], drop_values)
+                                       for r in results)
+    stores = {"pad": (first["offsets"], first["values"]), "drop": (drop_offsets, drop_values)}
+    for mode, (offsets, values) in stores.items():
+        assert np.diff(offsets).tolist() == counts.tolist()
+        for i in range(N_SAMPLES):
+            got = values[offsets[i]:offsets[i + 1]].astype(np.float32)
+            np.testing.assert_allclose(got, expected[mode][i], rtol=2e-3, atol=1e-3)
+            if mode == "pad":
+                np.testing.assert_allclose(got, one[i].astype(np.float32), rtol=2e-3, atol=1e-3)
+    for i in range(N_SAMPLES):  # the views differ where a target follows an image, only there
+        tokens, mask = data[i]["tokens"], data[i]["loss_mask"]
+        image = (tokens == IMAGE_TOKEN_INDEX).nonzero().flatten()
+        after_image = bool(image.numel()) and bool((mask[int(image[0]):] > 0).any())
+        same = np.allclose(expected["pad"][i], expected["drop"][i], rtol=2e-3, atol=1e-3)
+        assert same != after_image, i
+    assert sum(np.allclose(expected["pad"][i], expected["drop"][i], rtol=2e-3, atol=1e-3)
+               for i in range(N_SAMPLES)) < N_SAMPLES - 4
     meta = first["meta"]
-    assert meta["built_by"] == "regate_megatron.megatron_lm" and meta["teacher_visual"] == "drop"
+    assert meta["built_by"] == "regate_megatron.megatron_lm" and meta["teacher_visual"] == "pad"
     assert meta["num_samples"] == N_SAMPLES and "--load /ckpt/lm" in meta["teacher"]
     tokenizer_error, data_error = first["errors"]
     assert "built with another tokenizer" in tokenizer_error
@@ -211,13 +258,11 @@ def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
 def test_build_flags_are_checked_before_any_compute():
     parse = extra_args_provider()(argparse.ArgumentParser()).parse_args
     ok = parse(["--regate", "--regate-ref-store", "/s", "--regate-build-ref-store",
-                "--regate-teacher-visual", "drop", "--regate-build-ref-store-exit"])
+                "--regate-build-ref-store-exit"])
     assert check_args(ok).ref_store == "/s"
     for flags, message in (
-            (["--regate-build-ref-store", "--regate-teacher-visual", "drop"],
+            (["--regate-build-ref-store"],
              "--regate-build-ref-store needs --regate-ref-store PATH"),
-            (["--regate-ref-store", "/s", "--regate-build-ref-store"],
-             "needs --regate-teacher-visual drop"),
             (["--regate-ref-store", "/s", "--regate-build-ref-store-exit"],
              "--regate-build-ref-store-exit needs --regate-build-ref-store"),
             (["--regate-selector", "regate"], "build it with --regate-build-ref-store")):
@@ -230,7 +275,7 @@ def test_teacher_view_drops_image_slots_and_keeps_the_combined_targets():
     from regate_megatron.megatron_lm.reference import teacher_view
 
     text = pretrain_vlm_view(default_collate([_dataset()[i] for i in (4, 5)]))
-    view, combined = teacher_view(text, IMG_SEQ_LEN, MAX_LENGTH, PAD)
+    view, combined = teacher_view(text, IMG_SEQ_LEN, MAX_LENGTH, PAD, "drop")
     assert not (view["input_ids"] == IMAGE_TOKEN_INDEX).any()
     assert torch.equal((view["loss_mask"] > 0).sum(1), (combined.loss_mask > 0).sum(1))
     assert torch.equal(view["labels"][view["loss_mask"] > 0],

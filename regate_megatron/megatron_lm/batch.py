@@ -26,6 +26,7 @@ __all__ = [
     "BatchView",
     "expand_targets",
     "expand_tokens",
+    "combined_lengths",
     "pretrain_vlm_view",
     "multimodal_train_view",
     "expanded_view",
@@ -153,6 +154,13 @@ def expand_targets(
         before_image = before_image[before_image >= 0]
         out_mask[i, last_slot[i, before_image]] = 0.0
     return out_labels[:, :max_length], out_mask[:, :max_length]
+
+
+def combined_lengths(text: TextBatch, img_seq_len: int, max_length: int) -> torch.Tensor:
+    """int64 [b]: each sample's length in the combined sequence, cut to ``max_length``."""
+    if text.expanded:
+        return torch.full((text.input_ids.shape[0],), min(text.input_ids.shape[1], max_length))
+    return _slots(text, img_seq_len)[2].clamp(max=max_length)
 
 
 def expand_tokens(text: TextBatch, img_seq_len: int, max_length: int,

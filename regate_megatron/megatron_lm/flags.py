@@ -36,8 +36,8 @@ def add_script_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--regate-build-ref-store", action="store_true",
         help="When --regate-ref-store holds no store yet, build it before the first step with "
-             "the script's language model as loaded (the frozen text-only teacher; needs "
-             "--regate-teacher-visual drop and --pipeline-model-parallel-size 1), then train.")
+             "the script's language model as loaded (the frozen text-only teacher, reading "
+             "the --regate-teacher-visual view; --pipeline-model-parallel-size 1), then train.")
     group.add_argument(
         "--regate-build-ref-store-exit", action="store_true",
         help="Exit (status 0) once --regate-ref-store holds a store, built now or before, "
@@ -83,11 +83,6 @@ def check_args(args: argparse.Namespace) -> ReGateConfig:
     if build and config.ref_store is None:
         raise ValueError("--regate-build-ref-store needs --regate-ref-store PATH (where the "
                          "store is built)")
-    if build and config.teacher_visual != "drop":
-        raise ValueError("--regate-build-ref-store needs --regate-teacher-visual drop: the "
-                         "script's attention (Transformer Engine, Megatron's fused causal "
-                         "softmax) does not read the explicit mask of the pad view, so the "
-                         "teacher reads the text with the image slots removed")
     if config.ref_store is None and config.selector != "random":
         raise ValueError(f"--regate-selector {config.selector} needs --regate-ref-store (build "
                          f"it with --regate-build-ref-store, or regate-precompute-ref); only "

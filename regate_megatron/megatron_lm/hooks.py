@@ -217,7 +217,8 @@ def _reference_store(args, run: _Run, tokenizer=None):
         img_seq_len, max_length, _ = _image_geometry(args, run)
         reference.build_reference_store(
             path, lm, texts, num_samples=num_samples, img_seq_len=img_seq_len,
-            max_length=max_length, pad_id=int(tokenizer.pad), log=_log,
+            max_length=max_length, pad_id=int(tokenizer.pad), mode=args.regate_teacher_visual,
+            log=_log,
             meta=dict(teacher=teacher,
                       tokenizer_sha256=reference.tokenizer_fingerprint(tokenizer),
                       dataset_fingerprint=reference.fingerprint(fields)))

@@ -1,7 +1,7 @@
 """The reference-loss store built inside a patched Megatron-LM script, with the script's own
 language model, as loaded, as the frozen text-only teacher.
 
-    --regate-ref-store PATH --regate-build-ref-store --regate-teacher-visual drop
+    --regate-ref-store PATH --regate-build-ref-store [--regate-teacher-visual pad|drop]
     [--regate-build-ref-store-exit]
 
 When ``PATH`` holds no store yet, the first training step first builds it
@@ -13,12 +13,15 @@ Energon ids). Then training goes on with ``--regate-selector regate`` on that st
 process exits (``--regate-build-ref-store-exit``, e.g. to build at PP 1 and train at PP N).
 A store already there is opened and checked against this run's data and tokenizer instead.
 
-The teacher's view is ``drop`` (`regate_megatron.scoring.teacher.teacher_inputs`): the image
-slots of the combined sequence are removed, the text renumbered 0, 1, ..., plain causal
-attention, so any attention backend of the script computes it (``pad`` needs an explicit
-mask, which Transformer Engine's causal kernels and Megatron's fused causal softmax do not
-read). Targets are those of the combined sequence (`expand_targets`), in position order:
-exactly what the scorer looks up at each step.
+The teacher's views (`teacher_view`) are those of ``regate-precompute-ref``
+(`regate_megatron.scoring.teacher`), computed without an explicit attention mask, so any
+attention backend of the script computes them (Transformer Engine's and Megatron's fused
+causal kernels do not read one): ``pad`` (the default) runs the combined sequence with its
+image slots holding the pad token and routes only the text slots through every layer (the
+ReGATE router: causal among kept tokens at their combined positions, so no text token sees
+an image slot, which is what the pad view's mask says); ``drop`` removes the image slots and
+numbers the text 0, 1, ... Targets are those of the combined sequence (`expand_targets`), in
+position order: exactly what the scorer looks up at each step.
 
 Parallelism: pipeline size 1 (any TP, any DP). Each data-parallel replica reads the share
 of the samples its DP rank is dealt, on its TP rank 0, which broadcasts every micro-batch to
@@ -42,6 +45,7 @@ from typing import Callable, Iterable, List, Optional
 import numpy as np
 import torch
 
+from regate_megatron.core.selection import TokenSelection
 from regate_megatron.megatron_lm.batch import TextBatch, expand_targets, expand_tokens
 
 __all__ = ["BUILT_BY", "build_reference_store", "teacher_view", "fingerprint",
@@ -69,16 +73,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
                         "vocab_size": int(tokenizer.vocab_size)})
 
 
-def teacher_view(text: TextBatch, img_seq_len: int, max_length: int, pad_id: int):
-    """(view, combined) of one micro-batch: the teacher's ``drop`` inputs (`teacher_inputs`:
-    ``input_ids``, ``position_ids``, ``labels``, ``loss_mask`` [b, s']) and the combined
-    sequence's targets it keeps (``labels``, ``loss_mask`` [b, L], `expand_targets`)."""
+def teacher_view(text: TextBatch, img_seq_len: int, max_length: int, pad_id: int,
+                 mode: str):
+    """(view, combined) of one micro-batch: the teacher's inputs ``input_ids``, ``labels``,
+    ``loss_mask`` and ``keep`` [b, s'] (int64, int64, float, bool) and the combined
+    sequence's targets (``labels``, ``loss_mask`` [b, L], `expand_targets`).
+
+    ``drop``: `teacher_inputs`' drop view (s' = the longest text; ``keep`` all True).
+    ``pad``: the combined sequence itself (s' = L), image slots holding ``pad_id``; ``keep``
+    marks each sample's text slots: routed through every layer with only those kept, no
+    text token sees an image slot and each keeps its combined position, which is the pad
+    view's explicit mask computed without one."""
+    from regate_megatron.data.llava import IMAGE_TOKEN_INDEX
+    from regate_megatron.megatron_lm.batch import combined_lengths
     from regate_megatron.scoring.teacher import teacher_inputs
 
     labels, loss_mask = expand_targets(text, img_seq_len, max_length)
     tokens = expand_tokens(text, img_seq_len, max_length, pad_id)  # [b, L]
     combined = SimpleNamespace(tokens=tokens, labels=labels, loss_mask=loss_mask)
-    return teacher_inputs(combined, pad_id=pad_id, mode="drop"), combined
+    if mode == "drop":
+        view = teacher_inputs(combined, pad_id=pad_id, mode="drop")
+        return dict(view, keep=torch.ones_like(view["input_ids"], dtype=torch.bool)), combined
+    if mode != "pad":
+        raise ValueError(f"teacher view must be pad or drop, got {mode!r}")
+    image = tokens == IMAGE_TOKEN_INDEX  # [b, L]
+    inside = (torch.arange(tokens.shape[1])[None, :]
+              < combined_lengths(text, img_seq_len, max_length)[:, None])  # [b, L]
+    return dict(input_ids=tokens.masked_fill(image, pad_id), labels=labels.clone(),
+                loss_mask=loss_mask.clone(), keep=~image & inside), combined
 
 
 def _parts_dir(path: str) -> str:
@@ -131,14 +153,15 @@ def _broadcast(tensor: torch.Tensor, src: int, group, size: int) -> torch.Tensor
 @torch.no_grad()
 def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[TextBatch]], *,
                           num_samples: int, img_seq_len: int, max_length: int, pad_id: int,
-                          meta: dict, log: Callable[[str], None] = print) -> dict:
-    """Build the store at ``path`` with ``lm`` (this rank's `GPTModel`, the whole model:
-    pipeline size 1) as the frozen teacher. Collective over the world.
+                          meta: dict, mode: str = "pad",
+                          log: Callable[[str], None] = print) -> dict:
+    """Build the store at ``path`` with ``lm`` (this rank's `ReGateGPTModel`, the whole
+    model: pipeline size 1) as the frozen teacher, reading the ``mode`` view (`teacher_view`).
+    Collective over the world.
 
     ``texts(dp_rank, dp_size)``: the replica's share of the training samples, read on its TP
     rank 0 only. ``meta``: the store's ``teacher``, ``tokenizer_sha256`` and
-    ``dataset_fingerprint`` (``teacher_visual`` is ``drop``). Returns rank 0's numbers:
-    samples, teacher tokens, seconds."""
+    ``dataset_fingerprint``. Returns rank 0's numbers: samples, teacher tokens, seconds."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -151,6 +174,12 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
                          "(--pipeline-model-parallel-size 1, any TP): build the store in a run "
                          "at PP 1 with --regate-build-ref-store-exit, then train at this PP "
                          "with --regate-ref-store")
+    span = tuple(lm.token_router.span)
+    if mode == "pad" and span != (0, lm.config.num_layers):
+        raise ValueError(f"--regate-teacher-visual pad: the build routes each sample's text "
+                         f"through every decoder layer, but --regate-layers routes layers "
+                         f"{span[0]}:{span[1]} of {lm.config.num_layers}; build with "
+                         f"--regate-teacher-visual drop, or without --regate-layers")
     tp_group = ps.get_tensor_model_parallel_group()
     tp_size = ps.get_tensor_model_parallel_world_size()
     tp_src = ps.get_tensor_model_parallel_src_rank()
@@ -176,7 +205,8 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
                 try:
                     text = next(share, None) if source else None
                     if text is not None:
-                        view, combined = teacher_view(text, img_seq_len, max_length, pad_id)
+                        view, combined = teacher_view(text, img_seq_len, max_length, pad_id,
+                                                      mode)
                         header = torch.tensor([1, *view["input_ids"].shape], device=device)
                 except Exception as err:  # the replica's other TP ranks must not wait on it
                     failed, header[0] = err, -1
@@ -192,13 +222,16 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
                 shape = tuple(int(x) for x in header[1:])
                 inputs = {}
                 for name, dtype in (("input_ids", torch.long), ("labels", torch.long),
-                                    ("loss_mask", torch.float32)):
+                                    ("loss_mask", torch.float32), ("keep", torch.bool)):
                     t = (view[name].to(device, dtype) if source
                          else torch.empty(shape, dtype=dtype, device=device))
                     inputs[name] = _broadcast(t, tp_src, tp_group, tp_size)
                 positions = torch.arange(shape[1], device=device).expand(*shape)
-                per_token = lm(input_ids=inputs["input_ids"], position_ids=positions,
-                               attention_mask=None, labels=inputs["labels"])  # [b, s']
+                selection = (TokenSelection.from_keep_mask(inputs["keep"], inputs["loss_mask"] > 0)
+                             if mode == "pad" else None)
+                with lm.selecting(selection):
+                    per_token = lm(input_ids=inputs["input_ids"], position_ids=positions,
+                                   attention_mask=None, labels=inputs["labels"])  # [b, s']
                 if source:
                     losses = reference_losses(per_token, view, combined)
                     values.update(zip(text.sample_ids.tolist(), losses, strict=True))
@@ -210,7 +243,7 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
     dist.barrier()  # sync point: every replica's part is written
     if rank == 0:
         per_sample, unread = _merge_parts(parts, dp_size, num_samples)
-        write_store(path, per_sample, dict(meta, teacher_visual="drop", built_by=BUILT_BY))
+        write_store(path, per_sample, dict(meta, teacher_visual=mode, built_by=BUILT_BY))
         shutil.rmtree(parts, ignore_errors=True)
         seconds = time.perf_counter() - start
         log(f"ReGATE: reference-loss store {os.path.abspath(path)} built by the script's "
