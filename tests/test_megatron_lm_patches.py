@@ -3,12 +3,14 @@ patches/README.md; the set is the one `patch_set` picks for the checkout): each 
 applies with ``git apply --check`` and the patched script imports, with ReGATE's flags,
 provider and schedule hook in place."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -280,21 +282,17 @@ def fix_stock_examples_multimodal_v019(script_dir):
         (script_dir / name).write_text(text)
 
 
-@needs_mlm
-def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cpu(tmp_path):
-    """Megatron-LM's examples/multimodal/train.py, patched, in its own pretrain() on CPU
+RANDOM = ["--regate-selector", "random"]
+
+
+def _examples_multimodal(tmp_path):
+    """Megatron-LM's examples/multimodal/train.py, patched, run in its own pretrain() on CPU
     (gloo, bf16, tests/megatron_lm_cpu.py): a tiny LLaVA (random 2 x 64 SigLIP, 2-layer LM,
     image tiling: 1-3 tiles and a thumbnail per image) on a blend of two Energon captioning
-    webdatasets with ReGATE (random selector, keep
-    0.5). The ids come from the Energon restore keys and the target counts from one pass
-    through the script's TaskEncoder: a wrong id or count stops the step (the scorer checks
-    every sample's targets), so 6 steps over the 12-sample blend (revisits included) check
-    them. Then resume-equals-uninterrupted: from the step-3 checkpoint (model, optimizer,
-    EMA, Energon loader state) to 6 gives the same EMA, bit for bit. Then two ranks at DP2
-    and at TP2."""
+    webdatasets (tests/multimodal_cpu_data.py), ReGATE at a constant keep ratio of 0.5.
+    Returns (train, the data's paths and sample count)."""
     pytest.importorskip("transformers", reason="examples/multimodal's tokenizer needs it")
     pytest.importorskip("megatron.energon", reason="examples/multimodal reads Energon data")
-    import torch
     from multimodal_cpu_data import make
 
     mlm = _carried(tmp_path)
@@ -339,32 +337,51 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
              # no dropout: the launcher's CPU answer for the CUDA RNG state does not put the
              # model-parallel RNG tracker's streams back on a resume
              "--hidden-dropout", "0", "--attention-dropout", "0",
-             "--regate", "--regate-selector", "random",
-             "--regate-schedule", "constant", "--regate-keep-ratio", "0.5",
+             "--regate", "--regate-schedule", "constant", "--regate-keep-ratio", "0.5",
              "--distributed-backend", "gloo"]
 
-    def train(ckpt, *more, ranks=1):
+    def train(ckpt, *more, ranks=1, regate=RANDOM, check=True):
+        """Train into (and from) ``ckpt``: (stdout, {step: logged lm loss}); with
+        ``check=False`` the finished process itself."""
         run = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
              "--master-port", str(29400 + os.getpid() % 500),
              os.path.join(ROOT, "tests", "megatron_lm_cpu.py"), str(script_dir / "train.py"),
-             *flags, "--save", ckpt, "--load", ckpt, "--dataloader-save", f"{ckpt}/loader",
-             *more],
+             *flags, *regate, "--save", ckpt, "--load", ckpt, "--dataloader-save",
+             f"{ckpt}/loader", *more],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        if not check:
+            return run
         out = _finished(run, "examples/multimodal")
         losses = {int(m.group(1)): m.group(2) for m in re.finditer(
             r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|", out)}
         return out, losses
 
-    def ema(ckpt, step):
-        return _saved_model(tmp_path / ckpt, step)["regate.ema_table"]
+    return train, data
 
+
+def _ema(tmp_path, ckpt, step):
+    return _saved_model(tmp_path / ckpt, step)["regate.ema_table"]
+
+
+@needs_mlm
+def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cpu(tmp_path):
+    """The patched examples/multimodal (`_examples_multimodal`) with the random selector.
+    The ids come from the Energon restore keys and the target counts from one pass through
+    the script's TaskEncoder: a wrong id or count stops the step (the scorer checks
+    every sample's targets), so 6 steps over the 12-sample blend (revisits included) check
+    them. Then resume-equals-uninterrupted: from the step-3 checkpoint (model, optimizer,
+    EMA, Energon loader state) to 6 gives the same EMA, bit for bit. Then two ranks at DP2
+    and at TP2."""
+    import torch
+
+    train, data = _examples_multimodal(tmp_path)
     out, whole = train("a")
     n = data["train_samples"]
     assert f"ReGATE: target counts of {n} Energon samples" in out
     assert sorted(whole) == [1, 2, 3, 4, 5, 6]
     assert all(float(v) == float(v) and float(v) < 100 for v in whole.values())  # finite
-    table = ema("a", 6)
+    table = _ema(tmp_path, "a", 6)
     observed = ~torch.isnan(table)
     assert 0 < int(observed.sum()) < table.numel()  # half the targets of each visit kept
     # resume from step 3 of the same run
@@ -377,7 +394,7 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
     # logged losses agree at 4 and 6; the one logged for the second step after a resume
     # differs in the stock script as well (seen without --regate), a logging matter.
     assert resumed[4] == whole[4] and resumed[6] == whole[6], (whole, resumed)
-    again = ema("b", 6)
+    again = _ema(tmp_path, "b", 6)
     assert torch.equal(torch.nan_to_num(again, nan=-1.0), torch.nan_to_num(table, nan=-1.0))
     # two ranks, DP2 then TP2 (the data loader on TP rank 0 only; TP rank 1 receives its
     # selections): both ranks count a share, every step's ids and counts agree
@@ -385,4 +402,76 @@ def test_patched_examples_multimodal_trains_and_resumes_like_uninterrupted_on_cp
         out, losses = train(f"tp{parallel[-1]}", *parallel, "--train-iters", "3", ranks=2)
         assert f"ReGATE: target counts of {n} Energon samples" in out and "by 2 ranks" in out
         assert sorted(losses) == [1, 2, 3]
-        assert ema(f"tp{parallel[-1]}", 3).numel() == table.numel()
+        assert _ema(tmp_path, f"tp{parallel[-1]}", 3).numel() == table.numel()
+
+
+@needs_mlm
+def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it(tmp_path):
+    """--regate-ref-store S --regate-build-ref-store in the patched examples/multimodal
+    (`_examples_multimodal`, the regate selector): the script's language model as it starts
+    (--use-cpu-initialization: the same weights at any TP) reads every sample of the Energon
+    blend once through the TaskEncoder, text only (pad view). Built at TP2 and at DP2 with
+    --regate-build-ref-store-exit (status 0, no step run), and at one rank at the first step
+    of a run that then trains 3 steps on it: the stores have the same layout, the TP2 one
+    the same losses as the one-rank build (the same prompts); each sample's target count is
+    what the scorer checks at every step (the random selector's count pass gives
+    the same total). A second run opens the store without rebuilding it; a run whose
+    sequence layout differs is refused before any step, naming the store."""
+    import numpy as np
+
+    from regate_megatron.scoring.ref_store import RefLossStore
+
+    train, data = _examples_multimodal(tmp_path)
+    n = data["train_samples"]
+
+    def store_flags(name):
+        return ["--regate-ref-store", str(tmp_path / name), "--regate-build-ref-store",
+                "--use-cpu-initialization"]
+
+    built = {}
+    for name, ranks, more in (("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+                              ("dp2", 2, ["--tensor-model-parallel-size", "1"])):
+        out, losses = train(f"ckpt_{name}", *more, "--regate-build-ref-store-exit", ranks=ranks,
+                            regate=store_flags(name))
+        assert f"built by the script's language model: {n} samples" in out, out[-3000:]
+        assert "exiting before training" in out and not losses
+        assert not (tmp_path / f"ckpt_{name}" / "latest_checkpointed_iteration.txt").exists()
+        built[name] = RefLossStore.open(str(tmp_path / name))
+    out, losses = train("ckpt_one", "--train-iters", "3", regate=store_flags("one"))
+    assert f"built by the script's language model: {n} samples" in out
+    assert sorted(losses) == [1, 2, 3]
+    one = RefLossStore.open(str(tmp_path / "one"))
+    assert len(one) == n and one.meta["teacher_visual"] == "pad"
+    counts = [one[i].size for i in range(n)]
+    assert min(counts) > 0
+    vocab = len(json.loads((Path(data["tokenizer"]) / "tokenizer.json").read_text())
+                ["model"]["vocab"])
+    for name, store in (("one", one), *built.items()):
+        assert len(store) == n and [store[i].size for i in range(n)] == counts, name
+        assert store.meta["dataset_fingerprint"] == one.meta["dataset_fingerprint"]
+        # an untrained LM: the targets' mean loss near log(vocabulary size)
+        mean = float(np.concatenate([store[i] for i in range(n)]).astype(np.float32).mean())
+        assert abs(mean - np.log(vocab)) < 1.0, (name, mean, vocab)
+    for i in range(n):  # TP2 reads the samples in the one-rank order: bf16 tolerance
+        np.testing.assert_allclose(built["tp2"][i].astype(np.float32),
+                                   one[i].astype(np.float32), rtol=0.03, atol=0.03,
+                                   err_msg=f"sample {i}")
+    # DP2 deals the samples to two readers: the script's captioning prompt, drawn from a seed
+    # of the reader and the sample's place in its stream (Energon's restore_seeds), differs
+    # for some samples, and so do their reference losses (patches/README.md)
+    # the EMA table is laid out by the store; the random selector's count pass agrees
+    assert _ema(tmp_path, "ckpt_one", 3).numel() == sum(counts)
+    _, _ = train("ckpt_counts", "--train-iters", "1")
+    assert _ema(tmp_path, "ckpt_counts", 1).numel() == sum(counts)
+    # opened, not rebuilt
+    stamp = (tmp_path / "one" / "meta.json").stat().st_mtime_ns
+    out, losses = train("ckpt_again", "--train-iters", "2", regate=store_flags("one"))
+    assert "built by the script" not in out and sorted(losses) == [1, 2]
+    assert (tmp_path / "one" / "meta.json").stat().st_mtime_ns == stamp
+    # another sequence layout: refused before any step, the store kept
+    run = train("ckpt_other", "--train-iters", "2", "--decoder-seq-length", "120",
+                regate=store_flags("one"), check=False)
+    assert run.returncode != 0 and "iteration        1/" not in run.stdout
+    assert "other training data or another sequence layout" in run.stdout + run.stderr
+    assert f"remove {tmp_path / 'one'}" in run.stdout + run.stderr
+    assert (tmp_path / "one" / "meta.json").stat().st_mtime_ns == stamp

@@ -255,6 +255,79 @@ def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
     assert "other training data" in data_error and "--regate-build-ref-store" in data_error
 
 
+def _pipeline_build_checks(rank, full_state, path):
+    """One build of each view at this world's TP x PP x DP, through
+    `build_reference_store` with the samples dealt to the DP replicas: the stores as opened
+    on every rank, and which ranks wrote a part (the loss ranks) and read the data (the
+    selection sources)."""
+    from megatron.core import parallel_state as ps
+    from models import build_gpt, load_full_weights, tiny_config
+
+    from regate_megatron.core.roles import is_loss_rank, is_selection_source
+    from regate_megatron.megatron_lm.reference import build_reference_store
+    from regate_megatron.scoring.ref_store import RefLossStore
+
+    model = build_gpt(tiny_config())
+    load_full_weights(model, full_state)
+    data, read = _dataset(), []
+
+    def texts(dp_rank, dp_size):
+        read.append(dp_rank)
+        return text_batches(data, pretrain_vlm_view, range(dp_rank, N_SAMPLES, dp_size), MBS)
+
+    out = dict(source=is_selection_source(), loss_rank=is_loss_rank(),
+               stage=ps.get_pipeline_model_parallel_rank())
+    for mode in ("pad", "drop"):
+        build_reference_store(
+            f"{path}-{mode}", model, texts, num_samples=N_SAMPLES, img_seq_len=IMG_SEQ_LEN,
+            max_length=MAX_LENGTH, pad_id=PAD, mode=mode, log=lambda m: None,
+            meta=dict(teacher="t", tokenizer_sha256="s", dataset_fingerprint="d"))
+        store = RefLossStore.open(f"{path}-{mode}")
+        out[mode] = (np.asarray(store.offsets).copy(), np.asarray(store.values).copy())
+    out["read"], out["training"] = read, model.training
+    return out
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_store_built_at_pipeline_size_2_equals_the_written_out_teacher(
+        megatron_world, tmp_path, tp, pp):
+    """At PP2 (x DP2, x TP2) the selection source of each replica reads its share and sends
+    it to the stages; the forward-only schedule runs the views, padded to the language
+    model's length, through both stages; the loss rank writes the part: every sample's
+    written-out teacher losses in both views."""
+    from models import build_gpt, tiny_config
+
+    model = build_gpt(tiny_config())
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "linear_qkv.weight" in name:
+                p.mul_(16)
+    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                  if not k.endswith("_extra_state")}
+    data = _dataset()
+    expected = {"drop": [_manual_reference(model, data[i]) for i in range(N_SAMPLES)],
+                "pad": [_pad_reference(model, data[i]) for i in range(N_SAMPLES)]}
+    counts = target_counts(data, pretrain_vlm_view, IMG_SEQ_LEN, MAX_LENGTH)
+    results = run_world(_pipeline_build_checks, 4, tp=tp, pp=pp, full_state=full_state,
+                        path=str(tmp_path / "store"))
+    dp = 4 // (tp * pp)
+    assert sorted(r for res in results for r in res["read"] if res["source"]) == \
+        sorted(list(range(dp)) * 2)  # each replica's source read its share, once per view
+    assert all(not res["read"] for res in results if not res["source"])
+    assert sum(res["loss_rank"] for res in results) == dp
+    assert all(res["stage"] == pp - 1 for res in results if res["loss_rank"])
+    for mode in ("pad", "drop"):
+        offsets, values = results[0][mode]
+        assert all(np.array_equal(res[mode][1], values) for res in results)
+        assert np.diff(offsets).tolist() == counts.tolist()
+        for i in range(N_SAMPLES):
+            np.testing.assert_allclose(values[offsets[i]:offsets[i + 1]].astype(np.float32),
+                                       expected[mode][i], rtol=2e-3, atol=1e-3,
+                                       err_msg=f"{mode} sample {i}")
+    assert all(res["training"] for res in results)
+
+
 def test_build_flags_are_checked_before_any_compute():
     parse = extra_args_provider()(argparse.ArgumentParser()).parse_args
     ok = parse(["--regate", "--regate-ref-store", "/s", "--regate-build-ref-store",

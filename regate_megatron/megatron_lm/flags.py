@@ -37,11 +37,11 @@ def add_script_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--regate-build-ref-store", action="store_true",
         help="When --regate-ref-store holds no store yet, build it before the first step with "
              "the script's language model as loaded (the frozen text-only teacher, reading "
-             "the --regate-teacher-visual view; --pipeline-model-parallel-size 1), then train.")
+             "the --regate-teacher-visual view; any TP, PP and DP), then train.")
     group.add_argument(
         "--regate-build-ref-store-exit", action="store_true",
         help="Exit (status 0) once --regate-ref-store holds a store, built now or before, "
-             "instead of training (e.g. build at PP 1, train at PP N).")
+             "instead of training (e.g. build with another layout than training's).")
     return parser
 
 

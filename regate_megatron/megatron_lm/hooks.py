@@ -157,15 +157,15 @@ def _training_data(args, run: _Run):
                 energon.fingerprint(img_seq_len, max_length))
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
+    from regate_megatron.core.roles import is_selection_source
     from regate_megatron.training.parallel import summed
 
     dataset = run.train_dataset
     table = torch.zeros(dist.get_world_size(), 2, dtype=torch.long)  # [length, source lacks]
     table[dist.get_rank()] = torch.tensor([
         0 if dataset is None else len(dataset),
-        int(dataset is None and ps.get_tensor_model_parallel_rank() == 0)])
+        int(dataset is None and is_selection_source())])
     table = summed(table)  # sync point
     lengths = set(table[:, 0].tolist()) - {0}
     if not lengths:
@@ -176,7 +176,8 @@ def _training_data(args, run: _Run):
     longest = lengths.pop()
     if int(table[:, 1].sum()):
         raise RuntimeError("--regate-build-ref-store reads the training data on each "
-                           "data-parallel replica's TP rank 0; one has no training dataset "
+                           "data-parallel replica's TP rank 0 of the first pipeline stage; "
+                           "one has no training dataset "
                            "(wrap it with regate_megatron.megatron_lm.with_sample_ids)")
     inner = getattr(dataset, "dataset", dataset)
     return (longest,

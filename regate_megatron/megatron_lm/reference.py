@@ -23,10 +23,13 @@ an image slot, which is what the pad view's mask says); ``drop`` removes the ima
 numbers the text 0, 1, ... Targets are those of the combined sequence (`expand_targets`), in
 position order: exactly what the scorer looks up at each step.
 
-Parallelism: pipeline size 1 (any TP, any DP). Each data-parallel replica reads the share
-of the samples its DP rank is dealt, on its TP rank 0, which broadcasts every micro-batch to
-the replica's other TP ranks (the vocabulary-parallel loss is whole on each); each replica's
-TP rank 0 writes its part, and global rank 0 merges the parts into the store atomically
+Parallelism: any TP, PP and DP. Each data-parallel replica reads the share of the samples
+its DP rank is dealt, on its selection source (TP rank 0 of the first pipeline stage), which
+sends each group of micro-batches (``--micro-batch-size`` samples each) to its TP x PP
+group; Megatron-Core's forward-only schedule runs them through the pipeline stages (at
+PP > 1 each view padded to the language model's length, the stages' one shape), and the
+replica's loss rank (TP rank 0 of the last stage; the vocabulary-parallel loss is whole on
+each TP rank) writes its part. Global rank 0 merges the parts into the store atomically
 (`regate_megatron.scoring.ref_store.write_store`). A sample read twice is an error; a sample
 no rank read (skipped by the script's error handler) has no targets and is reported.
 """
@@ -150,43 +153,94 @@ def _broadcast(tensor: torch.Tensor, src: int, group, size: int) -> torch.Tensor
     return tensor
 
 
+def _padded(view: dict, length: int, pad_id: int) -> dict:
+    """A teacher view [b, s'] padded at the end to [b, length]: pad tokens, no targets, not
+    kept. Causal attention and the routed pad view both leave earlier positions as they
+    were (pipeline stages exchange one fixed shape)."""
+    from regate_megatron.data.llava import IGNORE_INDEX
+
+    extra = length - view["input_ids"].shape[1]
+    if extra < 0:
+        raise ValueError(f"a teacher view of length {view['input_ids'].shape[1]} is longer "
+                         f"than the language model's {length}")
+    fill = dict(input_ids=pad_id, labels=IGNORE_INDEX, loss_mask=0.0, keep=False)
+    return {name: torch.nn.functional.pad(view[name], (0, extra), value=fill[name])
+            for name in fill}
+
+
+FIELDS = (("input_ids", torch.long), ("labels", torch.long), ("loss_mask", torch.float32),
+          ("keep", torch.bool), ("sample_ids", torch.long))
+"""What the selection source sends its model-parallel group per micro-batch group."""
+
+
+def _teacher_groups(share, *, per_call: int, pad_to: Optional[int], img_seq_len: int,
+                    max_length: int, pad_id: int, mode: str):
+    """The source's micro-batches as groups of up to ``per_call`` of one shape: each group
+    one dict of ``FIELDS`` [n * b, s'] (``sample_ids`` [n * b]) and its micro-batch count.
+    At pipeline size > 1 every view is padded to ``pad_to`` (the stages' one shape)."""
+    group: List[dict] = []
+    for text in share:
+        view, combined = teacher_view(text, img_seq_len, max_length, pad_id, mode)
+        if not torch.equal((view["loss_mask"] > 0).sum(1), (combined.loss_mask > 0).sum(1)):
+            raise ValueError("the teacher view does not keep the batch's target tokens")
+        if pad_to is not None:
+            view = _padded(view, pad_to, pad_id)
+        view = dict((name, view[name]) for name, _ in FIELDS[:-1])
+        view["sample_ids"] = text.sample_ids.long().cpu()
+        if group and (len(group) == per_call
+                      or view["input_ids"].shape != group[0]["input_ids"].shape):
+            yield _stacked(group), len(group)
+            group = []
+        group.append(view)
+    if group:
+        yield _stacked(group), len(group)
+
+
+def _stacked(views: List[dict]) -> dict:
+    return {name: torch.cat([v[name] for v in views]) for name, _ in FIELDS}
+
+
 @torch.no_grad()
 def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[TextBatch]], *,
                           num_samples: int, img_seq_len: int, max_length: int, pad_id: int,
                           meta: dict, mode: str = "pad",
                           log: Callable[[str], None] = print) -> dict:
-    """Build the store at ``path`` with ``lm`` (this rank's `ReGateGPTModel`, the whole
-    model: pipeline size 1) as the frozen teacher, reading the ``mode`` view (`teacher_view`).
-    Collective over the world.
+    """Build the store at ``path`` with ``lm`` (this rank's `ReGateGPTModel`: its pipeline
+    stage of the language model) as the frozen teacher, reading the ``mode`` view
+    (`teacher_view`). Collective over the world.
 
-    ``texts(dp_rank, dp_size)``: the replica's share of the training samples, read on its TP
-    rank 0 only. ``meta``: the store's ``teacher``, ``tokenizer_sha256`` and
-    ``dataset_fingerprint``. Returns rank 0's numbers: samples, teacher tokens, seconds."""
+    ``texts(dp_rank, dp_size)``: the replica's share of the training samples, read on its
+    selection source only (TP rank 0 of the first stage), which sends each group of
+    micro-batches to its TP x PP group; Megatron-Core's forward-only schedule runs the group
+    through the stages (at pipeline size > 1 every view padded to ``max_length``), and the
+    loss rank (TP rank 0 of the last stage) keeps the losses. ``meta``: the store's
+    ``teacher``, ``tokenizer_sha256`` and ``dataset_fingerprint``. Returns rank 0's numbers:
+    samples, teacher tokens, seconds."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from regate_megatron.core.roles import is_loss_rank, is_selection_source
     from regate_megatron.megatron_lm.energon import random_state_kept
     from regate_megatron.scoring.ref_store import write_store
     from regate_megatron.scoring.teacher import reference_losses
 
-    if ps.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("--regate-build-ref-store runs the language model whole "
-                         "(--pipeline-model-parallel-size 1, any TP): build the store in a run "
-                         "at PP 1 with --regate-build-ref-store-exit, then train at this PP "
-                         "with --regate-ref-store")
     span = tuple(lm.token_router.span)
     if mode == "pad" and span != (0, lm.config.num_layers):
         raise ValueError(f"--regate-teacher-visual pad: the build routes each sample's text "
                          f"through every decoder layer, but --regate-layers routes layers "
                          f"{span[0]}:{span[1]} of {lm.config.num_layers}; build with "
                          f"--regate-teacher-visual drop, or without --regate-layers")
-    tp_group = ps.get_tensor_model_parallel_group()
+    mp_group = ps.get_model_parallel_group()
+    mp_size, mp_src = dist.get_world_size(mp_group), dist.get_global_rank(mp_group, 0)
     tp_size = ps.get_tensor_model_parallel_world_size()
-    tp_src = ps.get_tensor_model_parallel_src_rank()
-    source = ps.get_tensor_model_parallel_rank() == 0
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    source, loss_rank = is_selection_source(), is_loss_rank()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     rank = dist.get_rank()
     device = next(lm.parameters()).device
+    # one micro-batch a call at PP 1 (each its own shape); at PP > 1 enough to fill the pipe
+    per_call = 1 if pp_size == 1 else 2 * pp_size
     parts = _parts_dir(path)
     if rank == 0:  # parts of an interrupted build are stale: the pass is redone whole
         shutil.rmtree(parts, ignore_errors=True)
@@ -198,47 +252,53 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
     lm.eval()  # no dropout: the teacher is frozen
     try:
         with random_state_kept():  # task encoders draw prompts from the global generators
-            share = iter(texts(dp_rank, dp_size)) if source else None
+            groups = (_teacher_groups(texts(dp_rank, dp_size), per_call=per_call,
+                                      pad_to=None if pp_size == 1 else max_length,
+                                      img_seq_len=img_seq_len, max_length=max_length,
+                                      pad_id=pad_id, mode=mode) if source else None)
             while True:
-                header = torch.zeros(3, dtype=torch.long, device=device)  # [more, b, s']
+                header = torch.zeros(4, dtype=torch.long, device=device)  # [n, n * b, s', b]
                 failed = None
                 try:
-                    text = next(share, None) if source else None
-                    if text is not None:
-                        view, combined = teacher_view(text, img_seq_len, max_length, pad_id,
-                                                      mode)
-                        header = torch.tensor([1, *view["input_ids"].shape], device=device)
-                except Exception as err:  # the replica's other TP ranks must not wait on it
+                    group = next(groups, None) if source else None
+                    if group is not None:
+                        sent, n = group
+                        rows, width = sent["input_ids"].shape
+                        header = torch.tensor([n, rows, width, rows // n], device=device)
+                except Exception as err:  # the group's other ranks must not wait on it
                     failed, header[0] = err, -1
-                # sync point: the replica's TP ranks run the same micro-batch, or all stop
-                more = int(_broadcast(header, tp_src, tp_group, tp_size)[0])
+                # sync point: the model-parallel group runs the same micro-batches, or stops
+                n = int(_broadcast(header, mp_src, mp_group, mp_size)[0])
                 if failed is not None:
                     raise failed
-                if more < 0:
-                    raise RuntimeError("the teacher pass stopped on this replica's TP rank 0 "
-                                       "(its error names the cause)")
-                if not more:
+                if n < 0:
+                    raise RuntimeError("the teacher pass stopped on this replica's selection "
+                                       "source (its error names the cause)")
+                if not n:
                     break
-                shape = tuple(int(x) for x in header[1:])
+                rows, width, b = (int(x) for x in header[1:])
                 inputs = {}
-                for name, dtype in (("input_ids", torch.long), ("labels", torch.long),
-                                    ("loss_mask", torch.float32), ("keep", torch.bool)):
-                    t = (view[name].to(device, dtype) if source
+                for name, dtype in FIELDS:
+                    shape = (rows,) if name == "sample_ids" else (rows, width)
+                    t = (sent[name].to(device, dtype) if source
                          else torch.empty(shape, dtype=dtype, device=device))
-                    inputs[name] = _broadcast(t, tp_src, tp_group, tp_size)
-                positions = torch.arange(shape[1], device=device).expand(*shape)
-                selection = (TokenSelection.from_keep_mask(inputs["keep"], inputs["loss_mask"] > 0)
-                             if mode == "pad" else None)
-                with lm.selecting(selection):
-                    per_token = lm(input_ids=inputs["input_ids"], position_ids=positions,
-                                   attention_mask=None, labels=inputs["labels"])  # [b, s']
+                    inputs[name] = _broadcast(t, mp_src, mp_group, mp_size)
+                micro = [{name: t[k * b:(k + 1) * b] for name, t in inputs.items()}
+                         for k in range(n)]
+                out = get_forward_backward_func()(
+                    forward_step_func=_teacher_forward_step(mode), data_iterator=iter(micro),
+                    model=[lm], num_microbatches=n, seq_length=width, micro_batch_size=b,
+                    forward_only=True)
+                if loss_rank:
+                    for item, view in zip(out, micro, strict=True):
+                        losses = reference_losses(item["per_token_loss"], view,
+                                                  SimpleNamespace(loss_mask=view["loss_mask"]))
+                        values.update(zip(view["sample_ids"].tolist(), losses, strict=True))
                 if source:
-                    losses = reference_losses(per_token, view, combined)
-                    values.update(zip(text.sample_ids.tolist(), losses, strict=True))
                     tokens += int((inputs["input_ids"] != pad_id).sum())
     finally:
         lm.train(was_training)
-    if source:
+    if loss_rank:
         _write_part(parts, dp_rank, values)
     dist.barrier()  # sync point: every replica's part is written
     if rank == 0:
@@ -248,9 +308,31 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
         seconds = time.perf_counter() - start
         log(f"ReGATE: reference-loss store {os.path.abspath(path)} built by the script's "
             f"language model: {num_samples} samples, {sum(v.size for v in per_sample)} targets, "
-            f"read by {dp_size} data-parallel replicas (TP {tp_size}) in {seconds:.1f} s, "
-            f"{tokens} teacher tokens on rank 0"
+            f"read by {dp_size} data-parallel replicas (TP {tp_size}, PP {pp_size}) in "
+            f"{seconds:.1f} s, {tokens} teacher tokens on rank 0"
             + (f"; {unread} samples no rank read (the error handler skipped them) have no "
                f"targets" if unread else ""))
     dist.barrier()  # sync point: the store is in place before any rank opens it
     return dict(samples=len(values), tokens=tokens, seconds=time.perf_counter() - start)
+
+
+def _teacher_forward_step(mode: str):
+    """The forward-only schedule's step: one micro-batch of `FIELDS` through this stage,
+    routed (``pad``: only the text slots, at their combined positions) or dense (``drop``);
+    the last stage's per-token losses [b, s'] are the result."""
+    def forward_step(data_iterator, model):
+        view = next(data_iterator)
+        shape = view["input_ids"].shape
+        positions = torch.arange(shape[1], device=view["input_ids"].device).expand(*shape)
+        selection = (TokenSelection.from_keep_mask(view["keep"], view["loss_mask"] > 0)
+                     if mode == "pad" else None)
+        with model.selecting(selection):
+            per_token = model(input_ids=view["input_ids"], position_ids=positions,
+                              attention_mask=None, labels=view["labels"])  # [b, s']
+
+        def loss_func(per_token_loss):
+            return per_token_loss.sum() * 0, {"per_token_loss": per_token_loss}
+
+        return per_token, loss_func
+
+    return forward_step
