@@ -410,10 +410,10 @@ def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it
     """--regate-ref-store S --regate-build-ref-store in the patched examples/multimodal
     (`_examples_multimodal`, the regate selector): the script's language model as it starts
     (--use-cpu-initialization: the same weights at any TP) reads every sample of the Energon
-    blend once through the TaskEncoder, text only (pad view). Built at TP2 and at DP2 with
+    blend once through the TaskEncoder, text only (pad view). Built at TP2, PP2 and DP2 with
     --regate-build-ref-store-exit (status 0, no step run), and at one rank at the first step
-    of a run that then trains 3 steps on it: the stores have the same layout, the TP2 one
-    the same losses as the one-rank build (the same prompts); each sample's target count is
+    of a run that then trains 3 steps on it: the stores have the same layout, the TP2 and
+    PP2 ones the same losses as the one-rank build (the same prompts); each sample's target count is
     what the scorer checks at every step (the random selector's count pass gives
     the same total). A second run opens the store without rebuilding it; a run whose
     sequence layout differs is refused before any step, naming the store."""
@@ -430,6 +430,7 @@ def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it
 
     built = {}
     for name, ranks, more in (("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+                              ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
                               ("dp2", 2, ["--tensor-model-parallel-size", "1"])):
         out, losses = train(f"ckpt_{name}", *more, "--regate-build-ref-store-exit", ranks=ranks,
                             regate=store_flags(name))
@@ -452,10 +453,11 @@ def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it
         # an untrained LM: the targets' mean loss near log(vocabulary size)
         mean = float(np.concatenate([store[i] for i in range(n)]).astype(np.float32).mean())
         assert abs(mean - np.log(vocab)) < 1.0, (name, mean, vocab)
-    for i in range(n):  # TP2 reads the samples in the one-rank order: bf16 tolerance
-        np.testing.assert_allclose(built["tp2"][i].astype(np.float32),
-                                   one[i].astype(np.float32), rtol=0.03, atol=0.03,
-                                   err_msg=f"sample {i}")
+    for name in ("tp2", "pp2"):  # one replica reads the one-rank order: bf16 tolerance
+        for i in range(n):
+            np.testing.assert_allclose(built[name][i].astype(np.float32),
+                                       one[i].astype(np.float32), rtol=0.03, atol=0.03,
+                                       err_msg=f"{name} sample {i}")
     # DP2 deals the samples to two readers: the script's captioning prompt, drawn from a seed
     # of the reader and the sample's place in its stream (Energon's restore_seeds), differs
     # for some samples, and so do their reference losses (patches/README.md)

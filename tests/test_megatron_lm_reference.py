@@ -177,6 +177,25 @@ def _hooks_build_checks(rank, full_state, path):
     return out
 
 
+def _sharp_teacher():
+    """(the one-rank teacher, its weights, every sample's written-out losses in each view):
+    a tiny GPT with sharp attention, where a text token sits (pad vs drop) shows."""
+    from models import build_gpt, tiny_config
+
+    model = build_gpt(tiny_config())
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "linear_qkv.weight" in name:
+                p.mul_(16)
+    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                  if not k.endswith("_extra_state")}
+    data = _dataset()
+    expected = {"drop": [_manual_reference(model, data[i]) for i in range(N_SAMPLES)],
+                "pad": [_pad_reference(model, data[i]) for i in range(N_SAMPLES)]}
+    return model, full_state, expected
+
+
 def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
         megatron_world, tmp_path):
     """The hooks' build at TP2 x DP2 (TP rank 0 reads and broadcasts, each DP replica writes
@@ -187,17 +206,8 @@ def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
     from regate_megatron.megatron_lm.reference import build_reference_store
     from regate_megatron.scoring.ref_store import RefLossStore
 
-    model = build_gpt(tiny_config())
-    model.eval()
-    with torch.no_grad():  # sharp attention: where a text token sits (pad vs drop) shows
-        for name, p in model.named_parameters():
-            if "linear_qkv.weight" in name:
-                p.mul_(16)
-    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                  if not k.endswith("_extra_state")}
+    model, full_state, expected = _sharp_teacher()
     data = _dataset()
-    expected = {"drop": [_manual_reference(model, data[i]) for i in range(N_SAMPLES)],
-                "pad": [_pad_reference(model, data[i]) for i in range(N_SAMPLES)]}
     counts = target_counts(data, pretrain_vlm_view, IMG_SEQ_LEN, MAX_LENGTH)
     assert [e.size for e in expected["drop"]] == counts.tolist()
     assert len(set(counts.tolist())) > 3  # the samples differ (images, cut, mask)
@@ -295,19 +305,9 @@ def test_store_built_at_pipeline_size_2_equals_the_written_out_teacher(
     it to the stages; the forward-only schedule runs the views, padded to the language
     model's length, through both stages; the loss rank writes the part: every sample's
     written-out teacher losses in both views."""
-    from models import build_gpt, tiny_config
 
-    model = build_gpt(tiny_config())
-    model.eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "linear_qkv.weight" in name:
-                p.mul_(16)
-    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                  if not k.endswith("_extra_state")}
+    _, full_state, expected = _sharp_teacher()
     data = _dataset()
-    expected = {"drop": [_manual_reference(model, data[i]) for i in range(N_SAMPLES)],
-                "pad": [_pad_reference(model, data[i]) for i in range(N_SAMPLES)]}
     counts = target_counts(data, pretrain_vlm_view, IMG_SEQ_LEN, MAX_LENGTH)
     results = run_world(_pipeline_build_checks, 4, tp=tp, pp=pp, full_state=full_state,
                         path=str(tmp_path / "store"))

@@ -10,7 +10,7 @@ When ``PATH`` holds no store yet, the first training step first builds it
 capacity-aligned teacher) reads every training sample once as text only, and each target's
 loss goes into the store, keyed by the run's own stable sample ids (the dataset index, or the
 Energon ids). Then training goes on with ``--regate-selector regate`` on that store, or the
-process exits (``--regate-build-ref-store-exit``, e.g. to build at PP 1 and train at PP N).
+process exits (``--regate-build-ref-store-exit``, e.g. to build once for several runs).
 A store already there is opened and checked against this run's data and tokenizer instead.
 
 The teacher's views (`teacher_view`) are those of ``regate-precompute-ref``
