@@ -412,9 +412,9 @@ def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it
     (--use-cpu-initialization: the same weights at any TP) reads every sample of the Energon
     blend once through the TaskEncoder, text only (pad view). Built at TP2, PP2 and DP2 with
     --regate-build-ref-store-exit (status 0, no step run), and at one rank at the first step
-    of a run that then trains 3 steps on it: the stores have the same layout, the TP2 and
-    PP2 ones the same losses as the one-rank build (the same prompts); each sample's target count is
-    what the scorer checks at every step (the random selector's count pass gives
+    of a run that then trains 3 steps on it: the stores have the same layout, the TP2 one
+    the same losses as the one-rank build (same weights, same prompts); each sample's target
+    count is what the scorer checks at every step (the random selector's count pass gives
     the same total). A second run opens the store without rebuilding it; a run whose
     sequence layout differs is refused before any step, naming the store."""
     import numpy as np
@@ -428,7 +428,7 @@ def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it
         return ["--regate-ref-store", str(tmp_path / name), "--regate-build-ref-store",
                 "--use-cpu-initialization"]
 
-    built = {}
+    built, logs = {}, {}
     for name, ranks, more in (("tp2", 2, ["--tensor-model-parallel-size", "2"]),
                               ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
                               ("dp2", 2, ["--tensor-model-parallel-size", "1"])):
@@ -437,7 +437,7 @@ def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it
         assert f"built by the script's language model: {n} samples" in out, out[-3000:]
         assert "exiting before training" in out and not losses
         assert not (tmp_path / f"ckpt_{name}" / "latest_checkpointed_iteration.txt").exists()
-        built[name] = RefLossStore.open(str(tmp_path / name))
+        built[name], logs[name] = RefLossStore.open(str(tmp_path / name)), out
     out, losses = train("ckpt_one", "--train-iters", "3", regate=store_flags("one"))
     assert f"built by the script's language model: {n} samples" in out
     assert sorted(losses) == [1, 2, 3]
@@ -453,14 +453,20 @@ def test_patched_examples_multimodal_builds_its_reference_store_and_trains_on_it
         # an untrained LM: the targets' mean loss near log(vocabulary size)
         mean = float(np.concatenate([store[i] for i in range(n)]).astype(np.float32).mean())
         assert abs(mean - np.log(vocab)) < 1.0, (name, mean, vocab)
-    for name in ("tp2", "pp2"):  # one replica reads the one-rank order: bf16 tolerance
-        for i in range(n):
-            np.testing.assert_allclose(built[name][i].astype(np.float32),
-                                       one[i].astype(np.float32), rtol=0.03, atol=0.03,
-                                       err_msg=f"{name} sample {i}")
+    for i in range(n):  # TP2: one replica reads in the one-rank order, the same weights
+        np.testing.assert_allclose(built["tp2"][i].astype(np.float32),
+                                   one[i].astype(np.float32), rtol=0, atol=0.02,
+                                   err_msg=f"sample {i}")
     # DP2 deals the samples to two readers: the script's captioning prompt, drawn from a seed
     # of the reader and the sample's place in its stream (Energon's restore_seeds), differs
-    # for some samples, and so do their reference losses (patches/README.md)
+    # for some samples, and so do their reference losses (patches/README.md); the rest agree
+    same = [bool(np.allclose(built["dp2"][i].astype(np.float32), one[i].astype(np.float32),
+                             rtol=0, atol=0.02)) for i in range(n)]
+    assert sum(same) >= n // 3, same
+    # PP2 runs the pipeline path (its values are checked against a written-out teacher in
+    # tests/test_megatron_lm_reference.py): Megatron-LM seeds each stage's initialisation
+    # apart (seed + 100 x stage), so its second stage is another random model here
+    assert "(TP 1, PP 2)" in logs["pp2"] and "(TP 2, PP 1)" in logs["tp2"]
     # the EMA table is laid out by the store; the random selector's count pass agrees
     assert _ema(tmp_path, "ckpt_one", 3).numel() == sum(counts)
     _, _ = train("ckpt_counts", "--train-iters", "1")
