@@ -22,6 +22,7 @@ from regate_megatron.megatron_lm.energon import (  # noqa: E402
     EnergonView,
     shared_target_counts,
 )
+from regate_megatron.megatron_lm.sample_ids import targets_per_sample  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 IMG_SEQ_LEN, MAX_LENGTH = 3, 64
@@ -216,3 +217,24 @@ def test_bad_keys_are_named(data):
         ids.batch_ids({"__restore_key__": ("BatchDataset", 0, ("Webdataset", 1))}, rows=2)
     with pytest.raises(ValueError, match="holds 0 sample keys"):
         ids.batch_ids({"tokens": torch.zeros(1, 2)}, rows=1)
+
+
+def test_a_resumed_build_pass_leaves_out_the_samples_already_done(data):
+    """``text_batches(skip=...)``: the in-script store build's second pass after a stop
+    yields exactly the samples no chunk holds, each row with its own image and targets (the
+    prompt is drawn anew)."""
+    view = _view(data / "blend.yaml")
+    whole = [int(i) for text in view.text_batches(batch_size=3)
+             for i in text.sample_ids.tolist()]
+    assert sorted(whole) == list(range(14))
+    skip = np.zeros(14, dtype=bool)
+    skip[[0, 2, 3, 7, 8, 13]] = True
+    rest = list(view.text_batches(batch_size=3, skip=skip))
+    ids = [int(i) for text in rest for i in text.sample_ids.tolist()]
+    assert sorted(ids) == np.flatnonzero(~skip).tolist() and len(ids) == len(set(ids))
+    assert any(len(text.sample_ids) < 3 for text in rest)  # some batches lost rows
+    for text in rest:
+        assert text.num_image_tiles.numel() == len(text.sample_ids)  # one image a sample
+        for sample_id, count in targets_per_sample(text, IMG_SEQ_LEN, MAX_LENGTH):
+            name = ("dsA", sample_id) if sample_id < 10 else ("dsB", sample_id - 10)
+            assert count == _expected(f"{name[0]}_{name[1]:04d}")[1]

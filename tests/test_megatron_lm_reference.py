@@ -87,6 +87,27 @@ def test_expand_tokens_lays_out_the_combined_sequence_like_its_targets():
     assert torch.equal(expand_tokens(text, 4, 12, pad_id=0), combined[:, :12])
 
 
+def test_rows_of_a_text_batch_keep_their_images_tiles():
+    """`TextBatch.rows`: the kept samples with their own images' tile counts, so their
+    combined targets are the full batch's rows (a resumed build reads only some rows)."""
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(1, 50, (3, 9), generator=g)
+    tokens[0, [1, 5]] = IMAGE_TOKEN_INDEX
+    tokens[1, 2] = IMAGE_TOKEN_INDEX
+    tokens[2, [3, 6]] = IMAGE_TOKEN_INDEX
+    tiles = torch.tensor([1, 3, 2, 4, 1])  # row 0: 1, 3; row 1: 2; row 2: 4, 1
+    text = TextBatch(torch.tensor([7, 8, 9]), tokens, torch.randint(1, 50, (3, 9), generator=g),
+                     (torch.rand(3, 9, generator=g) < 0.8).float(), tiles)
+    part = text.rows(torch.tensor([True, False, True]))
+    assert part.sample_ids.tolist() == [7, 9] and part.num_image_tiles.tolist() == [1, 3, 4, 1]
+    labels, mask = expand_targets(text, 2, 64)
+    part_labels, part_mask = expand_targets(part, 2, 64)
+    width = part_labels.shape[1]
+    assert torch.equal(part_labels, labels[[0, 2], :width])
+    assert torch.equal(part_mask, mask[[0, 2], :width])
+    assert text.rows(torch.tensor([False, True, False])).num_image_tiles.tolist() == [2]
+
+
 def _manual_reference(model, item: dict) -> np.ndarray:
     """One sample's teacher losses, written out: the text positions whose combined slot
     fits MAX_LENGTH, read alone (image placeholders removed, positions 0, 1, ...); a text
@@ -216,7 +237,7 @@ def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
     def build_alone(path, lm):  # the same build on one rank (TP1 x DP1)
         build_reference_store(
             str(path), lm,
-            lambda r, w: text_batches(data, pretrain_vlm_view, range(r, N_SAMPLES, w), 3),
+            lambda r, w, done: text_batches(data, pretrain_vlm_view, range(r, N_SAMPLES, w), 3),
             num_samples=N_SAMPLES, img_seq_len=IMG_SEQ_LEN, max_length=MAX_LENGTH, pad_id=PAD,
             meta=dict(teacher="t", tokenizer_sha256="s", dataset_fingerprint="d"),
             log=lambda m: None)
@@ -281,7 +302,7 @@ def _pipeline_build_checks(rank, full_state, path):
     load_full_weights(model, full_state)
     data, read = _dataset(), []
 
-    def texts(dp_rank, dp_size):
+    def texts(dp_rank, dp_size, done):
         read.append(dp_rank)
         return text_batches(data, pretrain_vlm_view, range(dp_rank, N_SAMPLES, dp_size), MBS)
 
@@ -326,6 +347,91 @@ def test_store_built_at_pipeline_size_2_equals_the_written_out_teacher(
                                        expected[mode][i], rtol=2e-3, atol=1e-3,
                                        err_msg=f"{mode} sample {i}")
     assert all(res["training"] for res in results)
+
+
+def _resume_checks(rank, full_state, path, stop_after):
+    """A build at this world's layout stopped by a signal after ``stop_after`` micro-batches
+    of replica 0 (os.kill to itself, as SLURM's SIGTERM before a time limit), then run
+    again with the same settings: the second pass reads only what no chunk holds. Then a
+    stopped build whose rerun has another teacher starts over."""
+    import signal
+
+    from megatron.core import parallel_state as ps
+    from models import build_gpt, load_full_weights, tiny_config
+
+    from regate_megatron.megatron_lm.reference import build_reference_store
+    from regate_megatron.scoring.ref_store import RefLossStore
+
+    model = build_gpt(tiny_config())
+    load_full_weights(model, full_state)
+    data = _dataset()
+    read = []
+
+    def texts(stop):
+        def share(dp_rank, dp_size, done):
+            indices = [i for i in range(dp_rank, N_SAMPLES, dp_size) if not done[i]]
+            for k, text in enumerate(text_batches(data, pretrain_vlm_view, indices, MBS)):
+                if stop and dp_rank == 0 and k == stop_after:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # arrives before the next group
+                read.extend(text.sample_ids.tolist())
+                yield text
+        return share
+
+    def build(store, stop, teacher="t"):
+        read.clear()
+        return build_reference_store(
+            store, model, texts(stop), num_samples=N_SAMPLES, img_seq_len=IMG_SEQ_LEN,
+            max_length=MAX_LENGTH, pad_id=PAD, flush_samples=1, stop_signal=signal.SIGUSR1,
+            log=lambda m: None,
+            meta=dict(teacher=teacher, tokenizer_sha256="s", dataset_fingerprint="d"))
+
+    out = dict(source=ps.get_tensor_model_parallel_rank() == 0
+               and ps.is_pipeline_first_stage())
+    first = build(path, stop=True)
+    out["first"] = dict(first, read=list(read), store=os.path.exists(path),
+                        handler=signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL)
+    second = build(path, stop=False)
+    store = RefLossStore.open(path)
+    out["second"] = dict(second, read=list(read))
+    out["store"] = (np.asarray(store.offsets).copy(), np.asarray(store.values).copy())
+    build(f"{path}-other", stop=True)
+    other = build(f"{path}-other", stop=False, teacher="another")
+    out["other"] = dict(other, read=list(read))
+    return out
+
+
+@pytest.mark.parametrize("tp,pp,world", [(1, 1, 2), (1, 2, 4)])
+def test_stopped_build_resumes_with_the_chunks_it_wrote(megatron_world, tmp_path, tp, pp,
+                                                        world):
+    """Preemption of the in-script build (DP2; PP2 x DP2, the loss rank apart from the
+    source): on the signal every replica's source stops at its next group, the loss ranks
+    flush their chunks, no store is written and the signal's handler is put back; the next
+    build reads only the samples no chunk holds and the store holds every sample's
+    written-out teacher losses. A rerun for another teacher discards the chunks."""
+    _, full_state, expected = _sharp_teacher()
+    path = str(tmp_path / "store")
+    results = run_world(_resume_checks, world, tp=tp, pp=pp, full_state=full_state,
+                        path=path, stop_after=1)
+    sources = [r for r in results if r["source"]]
+    assert len(sources) == 2  # DP2 in both layouts
+    first_read = sorted(i for r in sources for i in r["first"]["read"])
+    second_read = sorted(i for r in sources for i in r["second"]["read"])
+    assert all(r["first"]["stopped"] and not r["first"]["store"] and r["first"]["handler"]
+               for r in results)
+    done = results[0]["second"]["done_before"]  # what the stopped build's chunks hold
+    assert 0 < done < N_SAMPLES and done <= len(first_read)  # stopped part-way (read ahead)
+    assert len(second_read) == len(set(second_read)) == N_SAMPLES - done  # only the rest
+    assert set(first_read) | set(second_read) == set(range(N_SAMPLES))
+    assert not any(r["second"]["stopped"] for r in results)
+    offsets, values = results[0]["store"]
+    for r in results:
+        assert np.array_equal(r["store"][1], values)
+    for i in range(N_SAMPLES):
+        np.testing.assert_allclose(values[offsets[i]:offsets[i + 1]].astype(np.float32),
+                                   expected["pad"][i], rtol=2e-3, atol=1e-3, err_msg=str(i))
+    other = sorted(i for r in sources for i in r["other"]["read"])
+    assert other == list(range(N_SAMPLES)) and results[0]["other"]["done_before"] == 0
+    assert not os.path.exists(os.path.join(tmp_path, ".store.parts"))
 
 
 def test_build_flags_are_checked_before_any_compute():

@@ -54,6 +54,20 @@ class TextBatch:
     num_image_tiles: Optional[torch.Tensor] = None
     expanded: bool = False
 
+    def rows(self, keep: torch.Tensor) -> "TextBatch":
+        """The samples where ``keep`` [b] (bool) is set, their images' tiles with them."""
+        keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+        tiles = self.num_image_tiles
+        if tiles is not None:
+            tiles = torch.as_tensor(tiles)
+            images = (self.input_ids == IMAGE_TOKEN_INDEX).sum(1).cpu()  # [b]
+            owner = torch.repeat_interleave(torch.arange(keep.numel()), images)  # [num_images]
+            tiles = tiles[keep[owner].to(tiles.device)]
+        index = keep.nonzero().flatten()
+        return TextBatch(*(t[index.to(t.device)] for t in (self.sample_ids, self.input_ids,
+                                                            self.labels, self.loss_mask)),
+                         num_image_tiles=tiles, expanded=self.expanded)
+
 
 BatchView = Callable[[dict], TextBatch]
 

@@ -152,12 +152,14 @@ class EnergonView:
                                      image_token=self.image_token)
 
     def text_batches(self, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                     batch_size: int = 1):
+                     batch_size: int = 1, skip: Optional[np.ndarray] = None):
         """This rank's share of one in-order pass over the split, as `TextBatch` es of up to
         ``batch_size`` samples through the script's task encoder: Energon deals the split's
         samples to ``world_size`` ranks, and each rank's to its ``num_workers`` loader
-        processes. Task encoders draw prompts from the global generators: run the pass in
-        `random_state_kept` to leave the run's random state as it was."""
+        processes. ``skip`` (bool [num_samples]): samples left out of the batches (still
+        read: Energon has no random access). Task encoders draw prompts from the global
+        generators: run the pass in `random_state_kept` to leave the run's random state as
+        it was."""
         from megatron.energon import WorkerConfig, get_loader, get_val_dataset
 
         share = WorkerConfig(rank=rank, world_size=world_size, num_workers=num_workers)
@@ -165,7 +167,14 @@ class EnergonView:
                                   worker_config=share, batch_size=batch_size,
                                   task_encoder=self.task_encoder(), **self.dataset_kwargs)
         for batch in get_loader(dataset):
-            yield self(batch)
+            text = self(batch)
+            if skip is not None:
+                keep = torch.from_numpy(~skip[text.sample_ids.cpu().numpy()])
+                if not bool(keep.any()):
+                    continue
+                if not bool(keep.all()):
+                    text = text.rows(keep)
+            yield text
 
     def count_targets(self, img_seq_len: int, max_length: int, rank: int = 0,
                       world_size: int = 1, num_workers: int = 0

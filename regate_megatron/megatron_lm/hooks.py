@@ -153,7 +153,8 @@ def _training_data(args, run: _Run):
     if energon is not None:
         workers = getattr(args, "num_workers", 0) or 0
         return (energon.ids.num_samples,
-                lambda dp_rank, dp_size: energon.text_batches(dp_rank, dp_size, workers, mbs),
+                lambda dp_rank, dp_size, done: energon.text_batches(dp_rank, dp_size, workers,
+                                                                    mbs, skip=done),
                 energon.fingerprint(img_seq_len, max_length))
     import torch
     import torch.distributed as dist
@@ -180,9 +181,11 @@ def _training_data(args, run: _Run):
                            "one has no training dataset "
                            "(wrap it with regate_megatron.megatron_lm.with_sample_ids)")
     inner = getattr(dataset, "dataset", dataset)
-    return (longest,
-            lambda dp_rank, dp_size: _ids.text_batches(dataset, run.view,
-                                                       range(dp_rank, longest, dp_size), mbs),
+    def share(dp_rank, dp_size, done):  # the replica's strided share, less the done ones
+        indices = [i for i in range(dp_rank, longest, dp_size) if not done[i]]
+        return _ids.text_batches(dataset, run.view, indices, mbs)
+
+    return (longest, share,
             dict(data=type(inner).__name__, num_samples=longest, img_seq_len=img_seq_len,
                  max_length=max_length))
 
@@ -216,13 +219,15 @@ def _reference_store(args, run: _Run, tokenizer=None):
                    f"--pretrained-checkpoint {getattr(args, 'pretrained_checkpoint', None)}, "
                    f"iteration {getattr(args, 'iteration', 0)})")
         img_seq_len, max_length, _ = _image_geometry(args, run)
-        reference.build_reference_store(
+        built = reference.build_reference_store(
             path, lm, texts, num_samples=num_samples, img_seq_len=img_seq_len,
             max_length=max_length, pad_id=int(tokenizer.pad), mode=args.regate_teacher_visual,
-            log=_log,
+            log=_log, stop_signal=_exit_signal(args),
             meta=dict(teacher=teacher,
                       tokenizer_sha256=reference.tokenizer_fingerprint(tokenizer),
                       dataset_fingerprint=reference.fingerprint(fields)))
+        if built["stopped"]:  # preempted: the chunks so far stay for the next run
+            raise SystemExit(0)
     store = RefLossStore.open(path)
     energon = _energon(run)
     if energon is not None and len(store) != energon.ids.num_samples:
@@ -239,6 +244,16 @@ def _reference_store(args, run: _Run, tokenizer=None):
              f"exiting before training")
         raise SystemExit(0)
     return store
+
+
+def _exit_signal(args):
+    """The signal Megatron-LM's ``--exit-signal-handler`` exits on (``--exit-signal``,
+    default SIGTERM), or None without the flag: the in-script build stops on it too."""
+    import signal
+
+    if not getattr(args, "exit_signal_handler", False):
+        return None
+    return getattr(args, "exit_signal", None) or signal.SIGTERM
 
 
 def _check_built_store(store, data, tokenizer) -> None:

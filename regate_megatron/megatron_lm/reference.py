@@ -36,10 +36,13 @@ no rank read (skipped by the script's error handler) has no targets and is repor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from types import SimpleNamespace
@@ -111,13 +114,52 @@ def _parts_dir(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.parts")
 
 
-def _write_part(parts: str, dp_rank: int, values: dict) -> None:
+def _open_parts(parts: str, settings: dict, log: Callable[[str], None]) -> None:
+    """Keep the parts of an earlier, stopped build with the same ``settings`` (its
+    ``build.json``); discard any other. Rank 0 only."""
+    record = os.path.join(parts, "build.json")
+    if os.path.isdir(parts):
+        try:
+            with open(record, encoding="utf-8") as f:
+                same = json.load(f) == settings
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        log(f"ReGATE: discarding the parts in {parts}: an earlier build for another teacher, "
+            f"tokenizer, data or view")
+        shutil.rmtree(parts)
+    os.makedirs(parts)
+    tmp = f"{record}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(settings, f, sort_keys=True)
+    os.replace(tmp, record)
+
+
+def _chunks(parts: str) -> List[str]:
+    return sorted(os.path.join(parts, name) for name in os.listdir(parts)
+                  if name.startswith("chunk-") and name.endswith(".npz"))
+
+
+def _done(parts: str, num_samples: int) -> np.ndarray:
+    """bool [num_samples]: the samples whose losses a chunk in ``parts`` holds."""
+    done = np.zeros(num_samples, dtype=bool)
+    for path in _chunks(parts):
+        with np.load(path) as chunk:
+            ids = chunk["ids"]
+        done[ids[(ids >= 0) & (ids < num_samples)]] = True
+    return done
+
+
+def _write_chunk(parts: str, dp_rank: int, values: dict) -> None:
+    """``values`` ({sample id: losses}) as one more chunk file, written atomically."""
     ids = np.asarray(sorted(values), dtype=np.int64)
     counts = np.asarray([values[i].size for i in ids], dtype=np.int64)
     flat = (np.concatenate([values[i] for i in ids]) if ids.size
             else np.zeros(0, np.float32)).astype(np.float32)
-    path = os.path.join(parts, f"part-{dp_rank:05d}.npz")
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = f"chunk-{dp_rank:05d}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.npz"
+    path = os.path.join(parts, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         np.savez(f, ids=ids, counts=counts, values=flat)
         f.flush()
@@ -125,24 +167,47 @@ def _write_part(parts: str, dp_rank: int, values: dict) -> None:
     os.replace(tmp, path)
 
 
-def _merge_parts(parts: str, dp_size: int, num_samples: int):
-    """(per-sample losses [num_samples], unread sample count) from the replicas' parts."""
+def _merge_parts(parts: str, num_samples: int):
+    """(per-sample losses [num_samples], unread sample count) from every chunk in
+    ``parts``, of this run and of the stopped runs before it."""
     per_sample: List[Optional[np.ndarray]] = [None] * num_samples
-    for dp_rank in range(dp_size):
-        with np.load(os.path.join(parts, f"part-{dp_rank:05d}.npz")) as part:
-            ids, counts, values = part["ids"], part["counts"], part["values"]
+    for path in _chunks(parts):
+        with np.load(path) as chunk:
+            ids, counts, values = chunk["ids"], chunk["counts"], chunk["values"]
         bad = ids[(ids < 0) | (ids >= num_samples)]
         if bad.size:
             raise ValueError(f"the teacher pass read sample ids {bad.tolist()[:8]} outside "
                              f"[0, {num_samples}); the data's ids do not index its samples")
-        for sample_id, chunk in zip(ids.tolist(), np.split(values, np.cumsum(counts)[:-1]),
-                                    strict=True):
+        for sample_id, losses in zip(ids.tolist(), np.split(values, np.cumsum(counts)[:-1]),
+                                     strict=True):
             if per_sample[sample_id] is not None:
                 raise RuntimeError(f"the teacher pass read sample {sample_id} more than once "
                                    f"(data-parallel shares overlap)")
-            per_sample[sample_id] = chunk
+            per_sample[sample_id] = losses
     unread = sum(v is None for v in per_sample)
     return [np.zeros(0, np.float32) if v is None else v for v in per_sample], unread
+
+
+@contextlib.contextmanager
+def _signal_seen(signum: Optional[int]):
+    """A dict whose ``seen`` turns True when ``signum`` arrives (None: nothing watched);
+    the handler before it (e.g. Megatron-LM's ``--exit-signal-handler``) still runs."""
+    state = {"seen": False}
+    if signum is None or threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = signal.getsignal(signum)
+
+    def handler(sig, frame):
+        state["seen"] = True
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signum, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signum, previous)
 
 
 def _broadcast(tensor: torch.Tensor, src: int, group, size: int) -> torch.Tensor:
@@ -200,22 +265,37 @@ def _stacked(views: List[dict]) -> dict:
     return {name: torch.cat([v[name] for v in views]) for name, _ in FIELDS}
 
 
+STOP = -2
+"""A header's micro-batch count when the source stops on a signal (-1: on an error)."""
+
+
 @torch.no_grad()
-def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[TextBatch]], *,
+def build_reference_store(path: str, lm, texts: Callable[..., Iterable[TextBatch]], *,
                           num_samples: int, img_seq_len: int, max_length: int, pad_id: int,
-                          meta: dict, mode: str = "pad",
+                          meta: dict, mode: str = "pad", flush_samples: int = 4096,
+                          flush_seconds: float = 60.0, stop_signal: Optional[int] = None,
                           log: Callable[[str], None] = print) -> dict:
     """Build the store at ``path`` with ``lm`` (this rank's `ReGateGPTModel`: its pipeline
     stage of the language model) as the frozen teacher, reading the ``mode`` view
     (`teacher_view`). Collective over the world.
 
-    ``texts(dp_rank, dp_size)``: the replica's share of the training samples, read on its
-    selection source only (TP rank 0 of the first stage), which sends each group of
-    micro-batches to its TP x PP group; Megatron-Core's forward-only schedule runs the group
-    through the stages (at pipeline size > 1 every view padded to ``max_length``), and the
-    loss rank (TP rank 0 of the last stage) keeps the losses. ``meta``: the store's
-    ``teacher``, ``tokenizer_sha256`` and ``dataset_fingerprint``. Returns rank 0's numbers:
-    samples, teacher tokens, seconds."""
+    ``texts(dp_rank, dp_size, done)``: the replica's share of the training samples less
+    those ``done`` marks (bool [num_samples]), read on its selection source only (TP rank 0
+    of the first stage), which sends each group of micro-batches to its TP x PP group;
+    Megatron-Core's forward-only schedule runs the group through the stages (at pipeline
+    size > 1 every view padded to ``max_length``), and the loss rank (TP rank 0 of the last
+    stage) writes the losses as chunks next to ``path`` every ``flush_samples`` samples or
+    ``flush_seconds``. ``meta``: the store's ``teacher``, ``tokenizer_sha256`` and
+    ``dataset_fingerprint``.
+
+    Resumable: a build stopped by any means (preemption, a crash, ``stop_signal``) leaves no
+    store but its chunks; the next build with the same ``meta``, view and sample count
+    reads only the samples no chunk holds, at any TP, PP and DP. With ``stop_signal`` (e.g.
+    SIGTERM under Megatron-LM's ``--exit-signal-handler``) every replica's source stops at
+    its next group when the signal arrives, the chunks are flushed and no store is written.
+
+    Returns rank 0's numbers: samples read now, already done, teacher tokens, seconds, and
+    whether the build stopped on ``stop_signal``."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -224,6 +304,7 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
     from regate_megatron.megatron_lm.energon import random_state_kept
     from regate_megatron.scoring.ref_store import write_store
     from regate_megatron.scoring.teacher import reference_losses
+    from regate_megatron.training.parallel import summed
 
     span = tuple(lm.token_router.span)
     if mode == "pad" and span != (0, lm.config.num_layers):
@@ -242,17 +323,25 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
     # one micro-batch a call at PP 1 (each its own shape); at PP > 1 enough to fill the pipe
     per_call = 1 if pp_size == 1 else 2 * pp_size
     parts = _parts_dir(path)
-    if rank == 0:  # parts of an interrupted build are stale: the pass is redone whole
-        shutil.rmtree(parts, ignore_errors=True)
-        os.makedirs(parts)
-    dist.barrier()  # sync point: the parts folder is fresh before any replica writes
-    start, tokens = time.perf_counter(), 0
+    if rank == 0:  # the chunks of a stopped build with these settings are kept
+        _open_parts(parts, dict(meta=meta, teacher_visual=mode, num_samples=int(num_samples),
+                                max_length=int(max_length)), log)
+    dist.barrier()  # sync point: the parts folder is in place before any rank reads it
+    done = _done(parts, num_samples) if source or rank == 0 else None
+    before = int(done.sum()) if done is not None else 0
+    if rank == 0 and before:
+        log(f"ReGATE: resuming the reference-store build in {parts}: {before} of "
+            f"{num_samples} samples done")
+    start = last_flush = last_log = time.perf_counter()
+    tokens = sent = 0
     values: dict = {}
+    stopped = False
     was_training = lm.training
     lm.eval()  # no dropout: the teacher is frozen
     try:
-        with random_state_kept():  # task encoders draw prompts from the global generators
-            groups = (_teacher_groups(texts(dp_rank, dp_size), per_call=per_call,
+        with random_state_kept(), _signal_seen(stop_signal) as signal_state:
+            # task encoders draw prompts from the global generators: the run's state is kept
+            groups = (_teacher_groups(texts(dp_rank, dp_size, done), per_call=per_call,
                                       pad_to=None if pp_size == 1 else max_length,
                                       img_seq_len=img_seq_len, max_length=max_length,
                                       pad_id=pad_id, mode=mode) if source else None)
@@ -260,10 +349,14 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
                 header = torch.zeros(4, dtype=torch.long, device=device)  # [n, n * b, s', b]
                 failed = None
                 try:
-                    group = next(groups, None) if source else None
+                    group = None
+                    if source and signal_state["seen"]:
+                        header[0] = STOP
+                    elif source:
+                        group = next(groups, None)
                     if group is not None:
-                        sent, n = group
-                        rows, width = sent["input_ids"].shape
+                        data, n = group
+                        rows, width = data["input_ids"].shape
                         header = torch.tensor([n, rows, width, rows // n], device=device)
                 except Exception as err:  # the group's other ranks must not wait on it
                     failed, header[0] = err, -1
@@ -271,16 +364,17 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
                 n = int(_broadcast(header, mp_src, mp_group, mp_size)[0])
                 if failed is not None:
                     raise failed
-                if n < 0:
+                if n == -1:
                     raise RuntimeError("the teacher pass stopped on this replica's selection "
                                        "source (its error names the cause)")
-                if not n:
+                if n in (0, STOP):
+                    stopped = n == STOP
                     break
                 rows, width, b = (int(x) for x in header[1:])
                 inputs = {}
                 for name, dtype in FIELDS:
                     shape = (rows,) if name == "sample_ids" else (rows, width)
-                    t = (sent[name].to(device, dtype) if source
+                    t = (data[name].to(device, dtype) if source
                          else torch.empty(shape, dtype=dtype, device=device))
                     inputs[name] = _broadcast(t, mp_src, mp_group, mp_size)
                 micro = [{name: t[k * b:(k + 1) * b] for name, t in inputs.items()}
@@ -289,31 +383,47 @@ def build_reference_store(path: str, lm, texts: Callable[[int, int], Iterable[Te
                     forward_step_func=_teacher_forward_step(mode), data_iterator=iter(micro),
                     model=[lm], num_microbatches=n, seq_length=width, micro_batch_size=b,
                     forward_only=True)
+                now = time.perf_counter()
                 if loss_rank:
                     for item, view in zip(out, micro, strict=True):
                         losses = reference_losses(item["per_token_loss"], view,
                                                   SimpleNamespace(loss_mask=view["loss_mask"]))
                         values.update(zip(view["sample_ids"].tolist(), losses, strict=True))
+                    if len(values) >= flush_samples or now - last_flush >= flush_seconds:
+                        _write_chunk(parts, dp_rank, values)
+                        values, last_flush = {}, now
                 if source:
                     tokens += int((inputs["input_ids"] != pad_id).sum())
+                    sent += rows
+                if rank == 0 and now - last_log >= flush_seconds:
+                    log(f"ReGATE: reference-store build: {sent} samples read by replica 0 "
+                        f"in {now - start:.0f} s ({before} done before)")
+                    last_log = now
     finally:
         lm.train(was_training)
-    if loss_rank:
-        _write_part(parts, dp_rank, values)
-    dist.barrier()  # sync point: every replica's part is written
-    if rank == 0:
-        per_sample, unread = _merge_parts(parts, dp_size, num_samples)
+    if loss_rank and values:
+        _write_chunk(parts, dp_rank, values)
+    # sync point: every replica's chunks are written; did any replica stop on the signal?
+    stopped = bool(summed(torch.tensor([int(stopped)]))[0])
+    seconds = time.perf_counter() - start
+    if rank == 0 and stopped:
+        log(f"ReGATE: the reference-store build stopped on signal {stop_signal} after "
+            f"{seconds:.1f} s: {int(_done(parts, num_samples).sum())} of {num_samples} "
+            f"samples done in {parts}; the next run with --regate-build-ref-store resumes it")
+    elif rank == 0:
+        per_sample, unread = _merge_parts(parts, num_samples)
         write_store(path, per_sample, dict(meta, teacher_visual=mode, built_by=BUILT_BY))
         shutil.rmtree(parts, ignore_errors=True)
-        seconds = time.perf_counter() - start
         log(f"ReGATE: reference-loss store {os.path.abspath(path)} built by the script's "
             f"language model: {num_samples} samples, {sum(v.size for v in per_sample)} targets, "
             f"read by {dp_size} data-parallel replicas (TP {tp_size}, PP {pp_size}) in "
             f"{seconds:.1f} s, {tokens} teacher tokens on rank 0"
+            + (f", {before} samples from a stopped build before" if before else "")
             + (f"; {unread} samples no rank read (the error handler skipped them) have no "
                f"targets" if unread else ""))
     dist.barrier()  # sync point: the store is in place before any rank opens it
-    return dict(samples=len(values), tokens=tokens, seconds=time.perf_counter() - start)
+    return dict(samples=sent, done_before=before, tokens=tokens, seconds=seconds,
+                stopped=stopped)
 
 
 def _teacher_forward_step(mode: str):
