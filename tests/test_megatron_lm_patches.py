@@ -258,6 +258,68 @@ def test_patched_pretrain_vlm_preempted_by_sigterm_resumes_like_uninterrupted(tm
     assert weights and all(torch.equal(resumed[n], whole[n]) for n in weights)
 
 
+def _signal_once(command, env, cwd, ready, deadline_s=600):
+    """Run ``command``; SIGTERM to its training worker (the launcher's child) once
+    ``ready()``; (returncode, output) when it has ended."""
+    import signal
+    import threading
+    import time
+
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = []  # read as it comes: a full pipe would stop the process
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + deadline_s
+    while not ready():
+        assert process.poll() is None, "".join(lines)[-4000:]
+        assert time.time() < deadline, "".join(lines)[-4000:]
+        time.sleep(0.2)
+    worker = subprocess.run(["pgrep", "-f", "-P", str(process.pid), "megatron_lm_cpu"],
+                            capture_output=True, text=True).stdout.split()
+    assert worker, "the training process was not found"
+    os.kill(int(worker[0]), signal.SIGTERM)
+    process.wait(timeout=600)
+    reader.join(timeout=60)
+    return process.returncode, "".join(lines)
+
+
+@needs_mlm
+def test_patched_pretrain_vlm_store_build_preempted_by_sigterm_resumes(tmp_path):
+    """The in-script store build inside Megatron-LM's loop, preempted: with
+    --exit-signal-handler, SIGTERM during the build (the mock data's 66,592 samples take
+    about an hour on this CPU; a chunk is written every 60 s) stops it at the next
+    micro-batch group; the chunks written so far stay
+    beside the store path, no store is written, and the process exits 0. The next run says
+    how many samples are done and goes on from there (stopped again by SIGTERM here)."""
+    import numpy as np
+
+    command, env = _carried_pretrain_vlm(tmp_path)
+    at = command.index("--regate-selector")
+    del command[at:at + 2]  # the store's selector (regate)
+    store = tmp_path / "store"
+    parts = tmp_path / ".store.parts"
+    command += ["--regate-ref-store", str(store), "--regate-build-ref-store",
+                "--exit-signal-handler", "--train-iters", "4", "--save-interval", "1000"]
+
+    def chunks():
+        return sorted(parts.glob("chunk-*.npz")) if parts.is_dir() else []
+
+    def done():
+        return sum(int(np.load(c)["ids"].size) for c in chunks())
+
+    rc, out = _signal_once(command, env, tmp_path, lambda: bool(chunks()))
+    assert rc == 0, out[-4000:]
+    first = done()
+    assert "the reference-store build stopped on signal" in out and first > 0, out[-3000:]
+    assert not store.exists() and "iteration        1/" not in out
+    assert (parts / "build.json").is_file()
+    rc, out = _signal_once(command, env, tmp_path, lambda: done() > first)
+    assert rc == 0, out[-4000:]
+    assert f"resuming the reference-store build in {parts}: {first} of 66592" in out, out[-3000:]
+    assert done() > first and not store.exists()
+
+
 STOCK_FIXES_V019 = {  # stock core_v0.19.0 examples/multimodal does not start without them
     "train.py": [  # it calls pretrain_cfg_container_from_args unimported, and leaves it out
         ("from megatron.training import get_args,",

@@ -37,7 +37,9 @@ def add_script_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--regate-build-ref-store", action="store_true",
         help="When --regate-ref-store holds no store yet, build it before the first step with "
              "the script's language model as loaded (the frozen text-only teacher, reading "
-             "the --regate-teacher-visual view; any TP, PP and DP), then train.")
+             "the --regate-teacher-visual view; any TP, PP and DP), then train. A build stopped "
+             "before the end (preemption; the --exit-signal-handler signal) resumes from the "
+             "chunks it wrote beside the store.")
     group.add_argument(
         "--regate-build-ref-store-exit", action="store_true",
         help="Exit (status 0) once --regate-ref-store holds a store, built now or before, "

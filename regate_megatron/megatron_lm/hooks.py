@@ -221,7 +221,8 @@ def _reference_store(args, run: _Run, tokenizer=None):
         img_seq_len, max_length, _ = _image_geometry(args, run)
         built = reference.build_reference_store(
             path, lm, texts, num_samples=num_samples, img_seq_len=img_seq_len,
-            max_length=max_length, pad_id=int(tokenizer.pad), mode=args.regate_teacher_visual,
+            max_length=max_length, pad_id=reference.pad_id_of(tokenizer),
+            mode=args.regate_teacher_visual,
             log=_log, stop_signal=_exit_signal(args),
             meta=dict(teacher=teacher,
                       tokenizer_sha256=reference.tokenizer_fingerprint(tokenizer),

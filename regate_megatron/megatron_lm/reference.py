@@ -12,6 +12,8 @@ loss goes into the store, keyed by the run's own stable sample ids (the dataset 
 Energon ids). Then training goes on with ``--regate-selector regate`` on that store, or the
 process exits (``--regate-build-ref-store-exit``, e.g. to build once for several runs).
 A store already there is opened and checked against this run's data and tokenizer instead.
+A build stopped before the end leaves its chunks of losses (``.<name>.parts/`` beside
+``PATH``) and the next one goes on from them (``build_reference_store``).
 
 The teacher's views (`teacher_view`) are those of ``regate-precompute-ref``
 (`regate_megatron.scoring.teacher`), computed without an explicit attention mask, so any
@@ -55,7 +57,7 @@ from regate_megatron.core.selection import TokenSelection
 from regate_megatron.megatron_lm.batch import TextBatch, expand_targets, expand_tokens
 
 __all__ = ["BUILT_BY", "build_reference_store", "teacher_view", "fingerprint",
-           "tokenizer_fingerprint"]
+           "tokenizer_fingerprint", "pad_id_of"]
 
 BUILT_BY = "regate_megatron.megatron_lm"
 """``meta["built_by"]`` of a store built inside a Megatron-LM script."""
@@ -77,6 +79,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
         return fingerprint({str(k): int(v) for k, v in vocab.items()})
     return fingerprint({"tokenizer": type(tokenizer).__name__,
                         "vocab_size": int(tokenizer.vocab_size)})
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id the teacher's views fill image slots and tails with: the tokenizer's pad, else
+    its end-of-document id (``NullTokenizer``, GPT-2's BPE have no pad), else 0. Neither
+    view attends to those slots, so the value only has to be a valid token."""
+    for name in ("pad", "eod"):
+        try:
+            value = getattr(tokenizer, name)
+        except (AttributeError, NotImplementedError):
+            continue
+        if value is not None and int(value) >= 0:
+            return int(value)
+    return 0
 
 
 def teacher_view(text: TextBatch, img_seq_len: int, max_length: int, pad_id: int,
