@@ -345,6 +345,11 @@ def build_reference_store(path: str, lm, texts: Callable[..., Iterable[TextBatch
     dist.barrier()  # sync point: the parts folder is in place before any rank reads it
     done = _done(parts, num_samples) if source or rank == 0 else None
     before = int(done.sum()) if done is not None else 0
+    if rank == 0:
+        log(f"ReGATE: building the reference-loss store {os.path.abspath(path)} with the "
+            f"script's language model ({mode} view): {num_samples} samples over {dp_size} "
+            f"data-parallel replicas (TP {tp_size}, PP {pp_size}), {per_call} micro-batches "
+            f"a forward-only call")
     if rank == 0 and before:
         log(f"ReGATE: resuming the reference-store build in {parts}: {before} of "
             f"{num_samples} samples done")
