@@ -23,6 +23,11 @@
 #                      once per Megatron-Core version (0.16.1, newest 0.19.x)
 #   profile            (optional) router.py --profile when a speedup is below 0.9 x ideal
 #   gpu_tests_<newest> (optional, if time is left) pytest -m gpu on the newest version
+#   megatron_lm_store  (optional, if time is left) the patched pretrain_vlm.py builds its
+#                      reference store in the script (--regate-build-ref-store-exit; the mock
+#                      data at --seq-length 4096: 16.6k samples, 8 a micro-batch), then trains
+#                      10 steps on it;
+#                      a dry run stops the build with SIGTERM and checks what it left
 # GPU_CHECK_ONLY="megatron_lm ..." runs only the named stages (and install): e.g. the
 # megatron_lm stage in a second call when the 6-minute run has no time left for it.
 # Budget: GPU_CHECK_BUDGET_S (default 330 s of the 6 minutes). A stage gets at most its
@@ -45,9 +50,10 @@ PY="${PYTHON:-python3}"
 WHEELS="${GPU_CHECK_WHEELS:-$REPO/.whl}"
 for name in ${GPU_CHECK_ONLY:-}; do  # a misspelt stage would silently run nothing
     case "$name" in
-        install|gpu_tests|pipeline|megatron_lm|profile|bench_*|gpu_tests_*) ;;
+        install|gpu_tests|pipeline|megatron_lm|megatron_lm_store|profile|bench_*|gpu_tests_*) ;;
         *) echo "gpu_check.sh: GPU_CHECK_ONLY names an unknown stage '$name' (stages: gpu_tests" \
-                "pipeline megatron_lm bench_<version> profile gpu_tests_<version>)" >&2
+                "pipeline megatron_lm bench_<version> profile gpu_tests_<version>" \
+                "megatron_lm_store)" >&2
            exit 2 ;;
     esac
 done
@@ -204,14 +210,20 @@ PYTHONPATH="$(mcore_path 0.16.1)" run_stage pipeline 1 150 110 stage_pipeline
 # --mock-data with ReGATE for 20 steps on one GPU saving at 10 and 20, the EMA checked in the
 # saved checkpoint, then resumed from it for 5 more steps.
 MLM_DIR="${MEGATRON_LM_TRAINING_DIR:-$REPO/.megatron_lm}"
-stage_megatron_lm() {
-    set -eo pipefail
+megatron_lm_folder() {  # $WORK/megatron_lm: Megatron-Core 0.16.1 + the carried folder
     local m="$WORK/megatron_lm"
-    rm -rf "$m" && mkdir -p "$m/run"
+    [ -f "$m/pretrain_vlm.py" ] && return
+    mkdir -p "$m"
     cp -r "$WORK/mc-0.16.1/megatron" "$m/" && cp -r "$MLM_DIR"/megatron/* "$m/megatron/"
     cp "$MLM_DIR"/*.py "$m/"
     grep -q "regate.install" "$m/pretrain_vlm.py" || { echo "pretrain_vlm.py is not patched"; exit 1; }
-    cd "$m/run"
+}
+export -f megatron_lm_folder
+stage_megatron_lm() {
+    set -eo pipefail
+    local m="$WORK/megatron_lm"
+    megatron_lm_folder
+    rm -rf "$m/run" && mkdir -p "$m/run" && cd "$m/run"
     # A dry run takes Megatron-LM's loop through the tests' CPU launcher (gloo, fp32).
     local tiny=() run=("$m/pretrain_vlm.py") precision=(--bf16)
     if [ "$DRY" = 1 ]; then
@@ -310,6 +322,81 @@ fi
 # ---------------------------------------------------------------- GPU tests on the newest
 if [ -n "$NEWEST" ]; then
     PYTHONPATH="$(mcore_path "$NEWEST")" run_stage "gpu_tests_$NEWEST" 0 90 0 stage_gpu_tests
+fi
+
+# ---------------------------------------------------------------- the in-script store
+# The same carried pretrain_vlm.py building its reference-loss store with its own language
+# model (patches/README.md): all of the mock data at --seq-length 4096 once on the GPU, the
+# store checked, then 10 ReGATE steps on it (the regate selector). A dry run cannot read
+# the 16.6k samples on a CPU in time: SIGTERM under --exit-signal-handler stops its build
+# and the chunks it leaves are checked.
+stage_megatron_lm_store() {
+    set -eo pipefail
+    local m="$WORK/megatron_lm"
+    megatron_lm_folder
+    rm -rf "$m/store_run" && mkdir -p "$m/store_run" && cd "$m/store_run"
+    local tiny=() run=("$m/pretrain_vlm.py") precision=(--bf16) small=()
+    if [ "$DRY" = 1 ]; then
+        tiny=(--decoder-num-layers 2 --hidden-size 64)
+        run=("$REPO/tests/megatron_lm_cpu.py" "$m/pretrain_vlm.py")
+        precision=(--distributed-backend gloo)
+        small=(--micro-batch-size 2 --global-batch-size 4)  # a group done before SIGTERM
+    fi
+    local args=(--mock-data --tokenizer-type NullTokenizer --vocab-size 1024
+        --decoder-num-layers 4 --hidden-size 256 --num-attention-heads 4 "${tiny[@]}"
+        --encoder-num-layers 1 --img-h 32 --img-w 32 --patch-dim 16 --disable-vision-class-token
+        --seq-length 4096 --max-position-embeddings 8192 --micro-batch-size 8
+        --global-batch-size 16 --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant
+        --lr-decay-iters 10 "${precision[@]}" --transformer-impl local --no-persist-layer-norm
+        --no-rope-fusion --no-gradient-accumulation-fusion --no-masked-softmax-fusion
+        --no-bias-gelu-fusion --no-bias-dropout-fusion --ckpt-format torch --save ckpt
+        --save-interval 1000 --exit-signal-handler --eval-iters 0 --eval-interval 1000
+        --log-interval 5 --train-iters 10
+        --regate --regate-schedule constant --regate-keep-ratio 0.5
+        --regate-ref-store store --regate-build-ref-store "${small[@]}")
+    local launch=(torch.distributed.run --nproc-per-node 1 --master-port 29534)
+    export PYTHONPATH="$m:$WORK/deps:$REPO"
+    if [ "$DRY" = 1 ]; then
+        echo "--- the build, stopped by SIGTERM once it has started"
+        "$PY" -m "${launch[@]}" "${run[@]}" "${args[@]}" > build.log 2>&1 &
+        local launcher=$! worker=""
+        for _ in $(seq 600); do
+            grep -q "building the reference-loss store" build.log 2>/dev/null && break
+            kill -0 "$launcher" 2>/dev/null || { tail -n 30 build.log; exit 1; }
+            sleep 0.5
+        done
+        sleep 15  # a few micro-batch groups read
+        worker=$(pgrep -f -P "$launcher" megatron_lm_cpu | head -n 1)
+        kill -TERM "$worker"
+        wait "$launcher"
+        tail -n 3 build.log
+        grep -q "reference-store build stopped on signal" build.log
+        ls .store.parts/build.json .store.parts/chunk-*.npz
+        [ ! -e store ]
+        return
+    fi
+    echo "--- the build, all of the mock data"
+    "$PY" -m "${launch[@]}" "${run[@]}" "${args[@]}" --regate-build-ref-store-exit
+    "$PY" - <<'PYEOF'
+import json
+meta = json.load(open("store/meta.json"))
+print("store:", meta["num_samples"], "samples,", meta["teacher_visual"], "view,", meta["built_by"])
+assert meta["num_samples"] > 10000 and meta["built_by"] == "regate_megatron.megatron_lm"
+PYEOF
+    echo "--- 10 ReGATE steps on the store"
+    "$PY" -m "${launch[@]}" "${run[@]}" "${args[@]}"
+    "$PY" - <<'PYEOF'
+import glob, torch
+path = sorted(glob.glob("ckpt/iter_0000010/mp_rank_00*/model_optim_rng.pt"))[0]
+table = torch.load(path, map_location="cpu", weights_only=False)["model"]["regate.ema_table"]
+seen = int((~torch.isnan(table)).sum())
+print(f"{path}: regate.ema_table {tuple(table.shape)}, {seen} entries observed")
+assert seen > 0
+PYEOF
+}
+export -f stage_megatron_lm_store
+if [ -f "$MLM_DIR/pretrain_vlm.py" ]; then
+    PYTHONPATH="$(mcore_path 0.16.1)" run_stage megatron_lm_store 0 150 0 stage_megatron_lm_store
 fi
 
 # ---------------------------------------------------------------- summary

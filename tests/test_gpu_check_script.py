@@ -13,5 +13,5 @@ def test_unknown_stage_in_gpu_check_only_is_one_line_error(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "gpu_check.sh: GPU_CHECK_ONLY names an unknown stage 'pipelin' (stages: gpu_tests "
-        "pipeline megatron_lm bench_<version> profile gpu_tests_<version>)"]
+        "pipeline megatron_lm bench_<version> profile gpu_tests_<version> megatron_lm_store)"]
     assert run.stdout == "" and not os.listdir(tmp_path)  # no stage ran, nothing written
