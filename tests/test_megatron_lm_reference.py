@@ -1,7 +1,8 @@
 """The reference-loss store built inside a Megatron-LM script (``--regate-build-ref-store``):
-the combined sequence's tokens, the teacher's drop view, the build at TP2 x DP2 through the
-hooks against a per-sample forward written out here and a one-rank build, the store reopened
-and checked, and the flags refused before any compute."""
+the combined sequence's tokens, the teacher's views, the build at TP2 x DP2 through the
+hooks, at PP2 x DP2 and TP2 x PP2 through the forward-only schedule, each against a
+per-sample forward written out here, a stopped build resumed from its chunks in each layout,
+the store reopened and checked, and the flags refused before any compute."""
 
 import argparse
 import os
@@ -161,7 +162,8 @@ def _run(model, n: int = N_SAMPLES):
 
 def _hooks_build_checks(rank, full_state, path):
     """TP2 x DP2: the hooks build the store at the first call, reopen it after, and refuse
-    another tokenizer or other data; --regate-build-ref-store-exit ends every rank with 0."""
+    another tokenizer or other data; --regate-build-ref-store-exit ends every rank with 0;
+    a stopped build resumes (`_resume`)."""
     from models import build_gpt, load_full_weights, tiny_config
 
     from regate_megatron.megatron_lm.hooks import _reference_store
@@ -195,6 +197,7 @@ def _hooks_build_checks(rank, full_state, path):
                             _run(model), _tokenizer())
     out["drop"] = (np.asarray(drop.offsets).copy(), np.asarray(drop.values).copy(),
                    drop.meta["teacher_visual"])
+    out["resume"] = _resume(model, f"{path}-resume")
     return out
 
 
@@ -284,13 +287,14 @@ def test_store_built_in_the_script_at_tp2_dp2_equals_the_written_out_teacher(
     tokenizer_error, data_error = first["errors"]
     assert "built with another tokenizer" in tokenizer_error
     assert "other training data" in data_error and "--regate-build-ref-store" in data_error
+    _check_resume(results, expected)
 
 
 def _pipeline_build_checks(rank, full_state, path):
     """One build of each view at this world's TP x PP x DP, through
     `build_reference_store` with the samples dealt to the DP replicas: the stores as opened
     on every rank, and which ranks wrote a part (the loss ranks) and read the data (the
-    selection sources)."""
+    selection sources); a stopped build resumes (`_resume`)."""
     from megatron.core import parallel_state as ps
     from models import build_gpt, load_full_weights, tiny_config
 
@@ -316,6 +320,7 @@ def _pipeline_build_checks(rank, full_state, path):
         store = RefLossStore.open(f"{path}-{mode}")
         out[mode] = (np.asarray(store.offsets).copy(), np.asarray(store.values).copy())
     out["read"], out["training"] = read, model.training
+    out["resume"] = _resume(model, f"{path}-resume")
     return out
 
 
@@ -325,7 +330,7 @@ def test_store_built_at_pipeline_size_2_equals_the_written_out_teacher(
     """At PP2 (x DP2, x TP2) the selection source of each replica reads its share and sends
     it to the stages; the forward-only schedule runs the views, padded to the language
     model's length, through both stages; the loss rank writes the part: every sample's
-    written-out teacher losses in both views."""
+    written-out teacher losses in both views. A stopped build resumes (`_check_resume`)."""
 
     _, full_state, expected = _sharp_teacher()
     data = _dataset()
@@ -347,25 +352,21 @@ def test_store_built_at_pipeline_size_2_equals_the_written_out_teacher(
                                        expected[mode][i], rtol=2e-3, atol=1e-3,
                                        err_msg=f"{mode} sample {i}")
     assert all(res["training"] for res in results)
+    _check_resume(results, expected)
 
 
-def _resume_checks(rank, full_state, path, stop_after):
-    """A build at this world's layout stopped by a signal after ``stop_after`` micro-batches
-    of replica 0 (os.kill to itself, as SLURM's SIGTERM before a time limit), then run
-    again with the same settings: the second pass reads only what no chunk holds. Then a
-    stopped build whose rerun has another teacher starts over."""
+def _resume(model, path, stop_after=1):
+    """Preemption of the in-script build at this world's layout: stopped by a signal after
+    ``stop_after`` micro-batches of replica 0 (os.kill to itself, as SLURM's SIGTERM before
+    a time limit), then run again with the same settings, whose pass reads only what no
+    chunk holds. Then a stopped build whose rerun has another teacher starts over."""
     import signal
 
-    from megatron.core import parallel_state as ps
-    from models import build_gpt, load_full_weights, tiny_config
-
+    from regate_megatron.core.roles import is_selection_source
     from regate_megatron.megatron_lm.reference import build_reference_store
     from regate_megatron.scoring.ref_store import RefLossStore
 
-    model = build_gpt(tiny_config())
-    load_full_weights(model, full_state)
-    data = _dataset()
-    read = []
+    data, read = _dataset(), []
 
     def texts(stop):
         def share(dp_rank, dp_size, done):
@@ -385,8 +386,7 @@ def _resume_checks(rank, full_state, path, stop_after):
             log=lambda m: None,
             meta=dict(teacher=teacher, tokenizer_sha256="s", dataset_fingerprint="d"))
 
-    out = dict(source=ps.get_tensor_model_parallel_rank() == 0
-               and ps.is_pipeline_first_stage())
+    out = dict(source=is_selection_source())
     first = build(path, stop=True)
     out["first"] = dict(first, read=list(read), store=os.path.exists(path),
                         handler=signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL)
@@ -397,41 +397,36 @@ def _resume_checks(rank, full_state, path, stop_after):
     build(f"{path}-other", stop=True)
     other = build(f"{path}-other", stop=False, teacher="another")
     out["other"] = dict(other, read=list(read))
+    out["parts_left"] = os.path.exists(os.path.join(os.path.dirname(path),
+                                                    f".{os.path.basename(path)}.parts"))
     return out
 
 
-@pytest.mark.parametrize("tp,pp,world", [(1, 1, 2), (1, 2, 4)])
-def test_stopped_build_resumes_with_the_chunks_it_wrote(megatron_world, tmp_path, tp, pp,
-                                                        world):
-    """Preemption of the in-script build (DP2; PP2 x DP2, the loss rank apart from the
-    source): on the signal every replica's source stops at its next group, the loss ranks
-    flush their chunks, no store is written and the signal's handler is put back; the next
-    build reads only the samples no chunk holds and the store holds every sample's
-    written-out teacher losses. A rerun for another teacher discards the chunks."""
-    _, full_state, expected = _sharp_teacher()
-    path = str(tmp_path / "store")
-    results = run_world(_resume_checks, world, tp=tp, pp=pp, full_state=full_state,
-                        path=path, stop_after=1)
-    sources = [r for r in results if r["source"]]
-    assert len(sources) == 2  # DP2 in both layouts
+def _check_resume(results, expected):
+    """`_resume` on every rank: on the signal every replica's source stopped at its next
+    group, the loss ranks flushed their chunks, no store was written and the signal's
+    handler was put back; the second build read only the samples no chunk held, each once,
+    and its store holds every sample's written-out teacher losses; another teacher's rerun
+    read everything again."""
+    runs = [r["resume"] for r in results]
+    sources = [r for r in runs if r["source"]]
     first_read = sorted(i for r in sources for i in r["first"]["read"])
     second_read = sorted(i for r in sources for i in r["second"]["read"])
     assert all(r["first"]["stopped"] and not r["first"]["store"] and r["first"]["handler"]
-               for r in results)
-    done = results[0]["second"]["done_before"]  # what the stopped build's chunks hold
+               for r in runs)
+    done = runs[0]["second"]["done_before"]  # what the stopped build's chunks hold
     assert 0 < done < N_SAMPLES and done <= len(first_read)  # stopped part-way (read ahead)
     assert len(second_read) == len(set(second_read)) == N_SAMPLES - done  # only the rest
     assert set(first_read) | set(second_read) == set(range(N_SAMPLES))
-    assert not any(r["second"]["stopped"] for r in results)
-    offsets, values = results[0]["store"]
-    for r in results:
-        assert np.array_equal(r["store"][1], values)
+    assert not any(r["second"]["stopped"] for r in runs)
+    offsets, values = runs[0]["store"]
+    assert all(np.array_equal(r["store"][1], values) for r in runs)
     for i in range(N_SAMPLES):
         np.testing.assert_allclose(values[offsets[i]:offsets[i + 1]].astype(np.float32),
                                    expected["pad"][i], rtol=2e-3, atol=1e-3, err_msg=str(i))
     other = sorted(i for r in sources for i in r["other"]["read"])
-    assert other == list(range(N_SAMPLES)) and results[0]["other"]["done_before"] == 0
-    assert not os.path.exists(os.path.join(tmp_path, ".store.parts"))
+    assert other == list(range(N_SAMPLES)) and runs[0]["other"]["done_before"] == 0
+    assert not any(r["parts_left"] for r in runs)
 
 
 def test_build_flags_are_checked_before_any_compute():
