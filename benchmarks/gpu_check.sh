@@ -219,37 +219,46 @@ megatron_lm_folder() {  # $WORK/megatron_lm: Megatron-Core 0.16.1 + the carried 
     grep -q "regate.install" "$m/pretrain_vlm.py" || { echo "pretrain_vlm.py is not patched"; exit 1; }
 }
 export -f megatron_lm_folder
-stage_megatron_lm() {
-    set -eo pipefail
-    local m="$WORK/megatron_lm"
+# pretrain_vlm_setup DIR: a fresh $WORK/megatron_lm/DIR to run in, RUN (the script; a dry
+# run takes Megatron-LM's loop through the tests' CPU launcher, gloo, fp32) and VLM_ARGS, the
+# flags both Megatron-LM stages share (a small LLaVA on the mock data, no apex/TE:
+# --no-persist-layer-norm, ReGATE at keep ratio 0.5).
+pretrain_vlm_setup() {
+    local m="$WORK/megatron_lm" tiny=() precision=(--bf16)
     megatron_lm_folder
-    rm -rf "$m/run" && mkdir -p "$m/run" && cd "$m/run"
-    # A dry run takes Megatron-LM's loop through the tests' CPU launcher (gloo, fp32).
-    local tiny=() run=("$m/pretrain_vlm.py") precision=(--bf16)
+    rm -rf "${m:?}/$1" && mkdir -p "$m/$1" && cd "$m/$1"
+    RUN=("$m/pretrain_vlm.py")
     if [ "$DRY" = 1 ]; then
         tiny=(--decoder-num-layers 2 --hidden-size 64)
-        run=("$REPO/tests/megatron_lm_cpu.py" "$m/pretrain_vlm.py")
+        RUN=("$REPO/tests/megatron_lm_cpu.py" "$m/pretrain_vlm.py")
         precision=(--distributed-backend gloo)
     fi
-    # --seq-length 1024: the mock data's epoch is then 66,592 samples, whose target counts
-    # the random selector reads once at start (~0.5 ms each; 532,736 at --seq-length 128).
-    # No apex/TE: --no-persist-layer-norm. A fixed --lr-decay-iters: the resume's schedule
-    # is the first run's; the resume's longer --train-iters changes Megatron-LM's weight-decay
-    # horizon, which --override-opt_param-scheduler accepts.
-    local args=(--mock-data --tokenizer-type NullTokenizer --vocab-size 1024
+    VLM_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 1024
         --decoder-num-layers 4 --hidden-size 256 --num-attention-heads 4 "${tiny[@]}"
         --encoder-num-layers 1 --img-h 32 --img-w 32 --patch-dim 16 --disable-vision-class-token
-        --seq-length 1024 --max-position-embeddings 2048 --micro-batch-size 2
-        --global-batch-size 4 --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant
-        --lr-decay-iters 25 "${precision[@]}" --transformer-impl local --no-persist-layer-norm
-        --no-rope-fusion --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-        --no-bias-gelu-fusion --no-bias-dropout-fusion --ckpt-format torch --save ckpt
-        --save-interval 10 --eval-iters 0 --eval-interval 1000 --log-interval 5
-        --regate --regate-selector random --regate-schedule constant --regate-keep-ratio 0.5)
+        --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant "${precision[@]}"
+        --transformer-impl local --no-persist-layer-norm --no-rope-fusion
+        --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion
+        --no-bias-dropout-fusion --ckpt-format torch --save ckpt --eval-iters 0
+        --eval-interval 1000 --log-interval 5
+        --regate --regate-schedule constant --regate-keep-ratio 0.5)
+    export PYTHONPATH="$m:$WORK/deps:$REPO"
+}
+export -f pretrain_vlm_setup
+stage_megatron_lm() {
+    set -eo pipefail
+    pretrain_vlm_setup run
+    # --seq-length 1024: the mock data's epoch is then 66,592 samples, whose target counts
+    # the random selector reads once at start (~0.5 ms each; 532,736 at --seq-length 128).
+    # A fixed --lr-decay-iters: the resume's schedule is the first run's; the resume's longer
+    # --train-iters changes Megatron-LM's weight-decay horizon, which
+    # --override-opt_param-scheduler accepts.
+    local args=("${VLM_ARGS[@]}" --seq-length 1024 --max-position-embeddings 2048
+        --micro-batch-size 2 --global-batch-size 4 --lr-decay-iters 25 --save-interval 10
+        --regate-selector random)
     local launch=(torch.distributed.run --nproc-per-node 1 --master-port 29533)  # torchrun
     echo "--- patched pretrain_vlm.py --mock-data --regate: 20 steps"
-    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "${run[@]}" \
-        "${args[@]}" --train-iters 20
+    "$PY" -m "${launch[@]}" "${RUN[@]}" "${args[@]}" --train-iters 20
     echo "--- the EMA rides in the checkpoint"
     "$PY" - <<'PYEOF'
 import glob, torch
@@ -261,8 +270,8 @@ print(f"{path}: regate.ema_table {tuple(table.shape)}, {seen} entries observed")
 assert seen > 0 and "regate.vocab_ema" in model
 PYEOF
     echo "--- resumed from iteration 20 for 5 more"
-    PYTHONPATH="$m:$WORK/deps:$REPO" "$PY" -m "${launch[@]}" "${run[@]}" \
-        "${args[@]}" --train-iters 25 --load ckpt --override-opt_param-scheduler
+    "$PY" -m "${launch[@]}" "${RUN[@]}" "${args[@]}" --train-iters 25 --load ckpt \
+        --override-opt_param-scheduler
 }
 export -f stage_megatron_lm
 export MLM_DIR
@@ -332,33 +341,17 @@ fi
 # and the chunks it leaves are checked.
 stage_megatron_lm_store() {
     set -eo pipefail
-    local m="$WORK/megatron_lm"
-    megatron_lm_folder
-    rm -rf "$m/store_run" && mkdir -p "$m/store_run" && cd "$m/store_run"
-    local tiny=() run=("$m/pretrain_vlm.py") precision=(--bf16) small=()
-    if [ "$DRY" = 1 ]; then
-        tiny=(--decoder-num-layers 2 --hidden-size 64)
-        run=("$REPO/tests/megatron_lm_cpu.py" "$m/pretrain_vlm.py")
-        precision=(--distributed-backend gloo)
-        small=(--micro-batch-size 2 --global-batch-size 4)  # a group done before SIGTERM
-    fi
-    local args=(--mock-data --tokenizer-type NullTokenizer --vocab-size 1024
-        --decoder-num-layers 4 --hidden-size 256 --num-attention-heads 4 "${tiny[@]}"
-        --encoder-num-layers 1 --img-h 32 --img-w 32 --patch-dim 16 --disable-vision-class-token
-        --seq-length 4096 --max-position-embeddings 8192 --micro-batch-size 8
-        --global-batch-size 16 --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant
-        --lr-decay-iters 10 "${precision[@]}" --transformer-impl local --no-persist-layer-norm
-        --no-rope-fusion --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-        --no-bias-gelu-fusion --no-bias-dropout-fusion --ckpt-format torch --save ckpt
-        --save-interval 1000 --exit-signal-handler --eval-iters 0 --eval-interval 1000
-        --log-interval 5 --train-iters 10
-        --regate --regate-schedule constant --regate-keep-ratio 0.5
-        --regate-ref-store store --regate-build-ref-store "${small[@]}")
+    pretrain_vlm_setup store_run
+    local batch=(--micro-batch-size 8 --global-batch-size 16)
+    # a dry run: a group done before its SIGTERM
+    [ "$DRY" = 1 ] && batch=(--micro-batch-size 2 --global-batch-size 4)
+    local args=("${VLM_ARGS[@]}" --seq-length 4096 --max-position-embeddings 8192
+        "${batch[@]}" --lr-decay-iters 10 --save-interval 1000 --exit-signal-handler
+        --train-iters 10 --regate-ref-store store --regate-build-ref-store)
     local launch=(torch.distributed.run --nproc-per-node 1 --master-port 29534)
-    export PYTHONPATH="$m:$WORK/deps:$REPO"
     if [ "$DRY" = 1 ]; then
         echo "--- the build, stopped by SIGTERM once it has started"
-        "$PY" -m "${launch[@]}" "${run[@]}" "${args[@]}" > build.log 2>&1 &
+        "$PY" -m "${launch[@]}" "${RUN[@]}" "${args[@]}" > build.log 2>&1 &
         local launcher=$! worker=""
         for _ in $(seq 600); do
             grep -q "building the reference-loss store" build.log 2>/dev/null && break
@@ -376,7 +369,7 @@ stage_megatron_lm_store() {
         return
     fi
     echo "--- the build, all of the mock data"
-    "$PY" -m "${launch[@]}" "${run[@]}" "${args[@]}" --regate-build-ref-store-exit
+    "$PY" -m "${launch[@]}" "${RUN[@]}" "${args[@]}" --regate-build-ref-store-exit
     "$PY" - <<'PYEOF'
 import json
 meta = json.load(open("store/meta.json"))
@@ -384,7 +377,7 @@ print("store:", meta["num_samples"], "samples,", meta["teacher_visual"], "view,"
 assert meta["num_samples"] > 10000 and meta["built_by"] == "regate_megatron.megatron_lm"
 PYEOF
     echo "--- 10 ReGATE steps on the store"
-    "$PY" -m "${launch[@]}" "${run[@]}" "${args[@]}"
+    "$PY" -m "${launch[@]}" "${RUN[@]}" "${args[@]}"
     "$PY" - <<'PYEOF'
 import glob, torch
 path = sorted(glob.glob("ckpt/iter_0000010/mp_rank_00*/model_optim_rng.pt"))[0]
