@@ -181,6 +181,7 @@ def _training_data(args, run: _Run):
                            "one has no training dataset "
                            "(wrap it with regate_megatron.megatron_lm.with_sample_ids)")
     inner = getattr(dataset, "dataset", dataset)
+
     def share(dp_rank, dp_size, done):  # the replica's strided share, less the done ones
         indices = [i for i in range(dp_rank, longest, dp_size) if not done[i]]
         return _ids.text_batches(dataset, run.view, indices, mbs)
