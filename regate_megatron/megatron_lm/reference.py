@@ -234,21 +234,6 @@ def _broadcast(tensor: torch.Tensor, src: int, group, size: int) -> torch.Tensor
     return tensor
 
 
-def _padded(view: dict, length: int, pad_id: int) -> dict:
-    """A teacher view [b, s'] padded at the end to [b, length]: pad tokens, no targets, not
-    kept. Causal attention and the routed pad view both leave earlier positions as they
-    were (pipeline stages exchange one fixed shape)."""
-    from regate_megatron.data.llava import IGNORE_INDEX
-
-    extra = length - view["input_ids"].shape[1]
-    if extra < 0:
-        raise ValueError(f"a teacher view of length {view['input_ids'].shape[1]} is longer "
-                         f"than the language model's {length}")
-    fill = dict(input_ids=pad_id, labels=IGNORE_INDEX, loss_mask=0.0, keep=False)
-    return {name: torch.nn.functional.pad(view[name], (0, extra), value=fill[name])
-            for name in fill}
-
-
 FIELDS = (("input_ids", torch.long), ("labels", torch.long), ("loss_mask", torch.float32),
           ("keep", torch.bool), ("sample_ids", torch.long))
 """What the selection source sends its model-parallel group per micro-batch group."""
@@ -259,14 +244,15 @@ def _teacher_groups(share, *, per_call: int, pad_to: Optional[int], img_seq_len:
     """The source's micro-batches as groups of up to ``per_call`` of one shape: each group
     one dict of ``FIELDS`` [n * b, s'] (``sample_ids`` [n * b]) and its micro-batch count.
     At pipeline size > 1 every view is padded to ``pad_to`` (the stages' one shape)."""
+    from regate_megatron.scoring.teacher import check_keeps_targets, padded_at_end
+
     group: List[dict] = []
+    fields = tuple(name for name, _ in FIELDS[:-1])
     for text in share:
         view, combined = teacher_view(text, img_seq_len, max_length, pad_id, mode)
-        if not torch.equal((view["loss_mask"] > 0).sum(1), (combined.loss_mask > 0).sum(1)):
-            raise ValueError("the teacher view does not keep the batch's target tokens")
-        if pad_to is not None:
-            view = _padded(view, pad_to, pad_id)
-        view = dict((name, view[name]) for name, _ in FIELDS[:-1])
+        check_keeps_targets(view["loss_mask"], combined.loss_mask)
+        view = ({name: view[name] for name in fields} if pad_to is None
+                else padded_at_end(view, pad_to, pad_id, keys=fields))
         view["sample_ids"] = text.sample_ids.long().cpu()
         if group and (len(group) == per_call
                       or view["input_ids"].shape != group[0]["input_ids"].shape):
@@ -319,7 +305,7 @@ def build_reference_store(path: str, lm, texts: Callable[..., Iterable[TextBatch
     from regate_megatron.core.roles import is_loss_rank, is_selection_source
     from regate_megatron.megatron_lm.energon import random_state_kept
     from regate_megatron.scoring.ref_store import write_store
-    from regate_megatron.scoring.teacher import reference_losses
+    from regate_megatron.scoring.teacher import losses_at_targets
     from regate_megatron.training.parallel import summed
 
     span = tuple(lm.token_router.span)
@@ -343,8 +329,8 @@ def build_reference_store(path: str, lm, texts: Callable[..., Iterable[TextBatch
         _open_parts(parts, dict(meta=meta, teacher_visual=mode, num_samples=int(num_samples),
                                 max_length=int(max_length)), log)
     dist.barrier()  # sync point: the parts folder is in place before any rank reads it
-    done = _done(parts, num_samples) if source or rank == 0 else None
-    before = int(done.sum()) if done is not None else 0
+    done = _done(parts, num_samples) if source else None  # rank 0 is a source
+    before = int(done.sum()) if source else 0
     if rank == 0:
         log(f"ReGATE: building the reference-loss store {os.path.abspath(path)} with the "
             f"script's language model ({mode} view): {num_samples} samples over {dp_size} "
@@ -407,8 +393,7 @@ def build_reference_store(path: str, lm, texts: Callable[..., Iterable[TextBatch
                 now = time.perf_counter()
                 if loss_rank:
                     for item, view in zip(out, micro, strict=True):
-                        losses = reference_losses(item["per_token_loss"], view,
-                                                  SimpleNamespace(loss_mask=view["loss_mask"]))
+                        losses = losses_at_targets(item["per_token_loss"], view["loss_mask"])
                         values.update(zip(view["sample_ids"].tolist(), losses, strict=True))
                     if len(values) >= flush_samples or now - last_flush >= flush_seconds:
                         _write_chunk(parts, dp_rank, values)

@@ -28,7 +28,8 @@ import torch
 from regate_megatron.config import TEACHER_VISUAL_MODES
 from regate_megatron.data.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch
 
-__all__ = ["teacher_inputs", "reference_losses"]
+__all__ = ["teacher_inputs", "reference_losses", "losses_at_targets",
+           "check_keeps_targets", "padded_at_end"]
 
 
 def teacher_inputs(batch: Batch, *, pad_id: int, mode: str) -> Dict[str, Optional[torch.Tensor]]:
@@ -77,21 +78,47 @@ def teacher_inputs(batch: Batch, *, pad_id: int, mode: str) -> Dict[str, Optiona
                 labels=out_labels, loss_mask=out_loss_mask)
 
 
-def reference_losses(per_token_loss: torch.Tensor, view: dict, batch: Batch) -> List[np.ndarray]:
-    """Per sample, the teacher's losses at its targets: float32 [n_targets], position order.
+def padded_at_end(view: dict, length: int, pad_id: int,
+                  keys=("input_ids", "labels", "loss_mask")) -> dict:
+    """The [b, s'] tensors ``keys`` of a teacher view padded at the end to [b, length]: pad
+    tokens, ignored labels, no targets (``keep``: not kept). Causal attention, and the routed
+    pad view, leave every earlier position as it was."""
+    extra = length - view["input_ids"].shape[1]
+    if extra < 0:
+        raise ValueError(f"a teacher view of length {view['input_ids'].shape[1]} is longer "
+                         f"than {length}")
+    fill = dict(input_ids=pad_id, labels=IGNORE_INDEX, loss_mask=0.0, keep=False)
+    return {name: torch.nn.functional.pad(view[name], (0, extra), value=fill[name])
+            for name in keys}
 
-    ``per_token_loss`` [b, s'] is the teacher's loss on ``view`` (from `teacher_inputs`).
-    """
-    mask = view["loss_mask"] > 0  # [b, s']
+
+def check_keeps_targets(view_loss_mask: torch.Tensor, batch_loss_mask: torch.Tensor) -> None:
+    """A teacher view must keep each sample's target count ([b, s'] vs the batch's [b, s])."""
+    expected = (batch_loss_mask > 0).sum(dim=1)  # [b]
+    got = (view_loss_mask > 0).sum(dim=1)
+    if not torch.equal(expected.cpu(), got.cpu()):
+        raise ValueError("the teacher view does not keep the batch's target tokens")
+
+
+def losses_at_targets(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> List[np.ndarray]:
+    """Per sample, ``per_token_loss`` [b, s'] where ``loss_mask`` [b, s'] is set: float32
+    [n_targets], position order."""
+    mask = loss_mask > 0
     if tuple(per_token_loss.shape) != tuple(mask.shape):
         raise ValueError(
             f"per_token_loss has shape {tuple(per_token_loss.shape)} but the teacher view is "
             f"{tuple(mask.shape)}"
         )
-    expected = (batch.loss_mask > 0).sum(dim=1)  # [b]
-    got = mask.sum(dim=1)
-    if not torch.equal(expected.cpu(), got.cpu()):
-        raise ValueError("the teacher view does not keep the batch's target tokens")
     losses = per_token_loss.detach().float().cpu()
     mask = mask.cpu()
     return [losses[i][mask[i]].numpy().astype(np.float32) for i in range(losses.shape[0])]
+
+
+def reference_losses(per_token_loss: torch.Tensor, view: dict, batch: Batch) -> List[np.ndarray]:
+    """Per sample, the teacher's losses at its targets: float32 [n_targets], position order.
+
+    ``per_token_loss`` [b, s'] is the teacher's loss on ``view`` (from `teacher_inputs`).
+    """
+    losses = losses_at_targets(per_token_loss, view["loss_mask"])
+    check_keeps_targets(view["loss_mask"], batch.loss_mask)
+    return losses

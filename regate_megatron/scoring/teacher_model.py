@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from regate_megatron.core.roles import is_loss_rank
-from regate_megatron.data.llava import IGNORE_INDEX, Batch
+from regate_megatron.data.llava import Batch
 
 __all__ = ["teacher_architecture", "check_teacher_parallel", "FrozenTeacher", "pad_view",
            "micro_batch_groups"]
@@ -102,16 +102,12 @@ def pad_view(view: dict, length: int, pad_id: int) -> dict:
     if extra < 0 or view["attention_mask"] is not None:
         raise ValueError(f"cannot pad a teacher view of length {view['input_ids'].shape[1]} "
                          f"to {length}")
+    from regate_megatron.scoring.teacher import padded_at_end
+
     b = view["input_ids"].shape[0]
-    device = view["input_ids"].device
-
-    def tail(x, value):  # [b, s'] -> [b, length]
-        return torch.cat([x, torch.full((b, extra), value, dtype=x.dtype, device=device)], dim=1)
-
-    return dict(input_ids=tail(view["input_ids"], pad_id),
-                position_ids=torch.arange(length, device=device).expand(b, length),
-                attention_mask=None, labels=tail(view["labels"], IGNORE_INDEX),
-                loss_mask=tail(view["loss_mask"], 0))
+    position_ids = torch.arange(length, device=view["input_ids"].device).expand(b, length)
+    return dict(padded_at_end(view, length, pad_id), position_ids=position_ids,
+                attention_mask=None)
 
 
 def micro_batch_groups(ids: List[int], micro_batch_size: int,
