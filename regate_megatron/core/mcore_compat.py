@@ -40,6 +40,12 @@ saved param-group match     0.19 matches a loaded optimizer param group to the c
                             ``--lr`` (``--override-opt_param-scheduler``) found no group:
                             `align_saved_lr_schedule` gives the saved groups the current
                             run's values first (a no-op where the keys hold no schedule).
+full recomputation         0.16-0.17: the method ``TransformerBlock._checkpointed_forward``;
+                            0.18+: the function ``megatron.core.recompute.
+                            checkpointed_forward(block, ...)``, which
+                            ``transformer_block`` imports under that name. Both are called
+                            with the same keywords (0.18+ adds ``extract_layer_indices``,
+                            ``layer_offset``): `hook_full_recompute`.
 ``import megatron.core``     0.19 runs ``git rev-parse`` in a child process (its version
                             string, `mcore_version`); 0.17+ import ``torch.utils.cpp_extension``,
                             which logs "No CUDA runtime is found" for a CUDA torch build on a
@@ -61,11 +67,14 @@ from __future__ import annotations
 
 from packaging.version import Version
 
-__all__ = ["SUPPORTED", "align_saved_lr_schedule", "mcore_version", "mlp_submodules"]
+__all__ = ["SUPPORTED", "align_saved_lr_schedule", "hook_full_recompute", "mcore_version",
+           "mlp_submodules"]
 
 SUPPORTED = (Version("0.16.1"), Version("0.20"))  # [lowest, first unsupported)
 
 _MLP_BUILDER = Version("0.18")  # get_mlp_module_spec returns a partial from here on
+_RECOMPUTE_FUNCTION = Version("0.18")  # full recomputation is a module function from here on
+_HOOK = "_regate_full_recompute"  # a block's own full-recompute forward (hook_full_recompute)
 
 # The param-group fields the LR/WD scheduler reads; the run's reconciled flags own them.
 _SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
@@ -87,6 +96,31 @@ def mlp_submodules(use_te: bool):
     if mcore_version() >= _MLP_BUILDER:
         return spec.keywords["submodules"]  # partial(MLP.as_mlp_submodule, submodules=...)
     return spec.submodules  # ModuleSpec(module=MLP, submodules=...)
+
+
+def hook_full_recompute(block, forward) -> None:
+    """Make ``block``'s full-recompute forward (``--recompute-granularity full``, training)
+    call ``forward(stock, **kwargs)`` instead, where ``stock(**kwargs)`` is Megatron-Core's own.
+    Other blocks keep Megatron-Core's; calling it twice replaces the hook."""
+    if mcore_version() < _RECOMPUTE_FUNCTION:
+        stock = type(block)._checkpointed_forward.__get__(block)
+        block._checkpointed_forward = lambda **kwargs: forward(stock, **kwargs)
+        return
+    from megatron.core.transformer import transformer_block
+
+    dispatch = transformer_block.checkpointed_forward
+    if not getattr(dispatch, _HOOK, False):
+        original = dispatch
+
+        def dispatch(self, **kwargs):
+            hook = self.__dict__.get(_HOOK)
+            if hook is None:
+                return original(self, **kwargs)
+            return hook(lambda **again: original(self, **again), **kwargs)
+
+        setattr(dispatch, _HOOK, True)
+        transformer_block.checkpointed_forward = dispatch
+    block.__dict__[_HOOK] = forward
 
 
 def align_saved_lr_schedule(optimizer, state_dict: dict) -> int:

@@ -16,6 +16,7 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from regate_megatron.config import ReGateConfig
+from regate_megatron.core.recompute import route_full_recompute
 from regate_megatron.core.router import TokenRouter
 from regate_megatron.core.selection import TokenSelection
 
@@ -47,11 +48,6 @@ class ReGateGPTModel(GPTModel):
 
     def _attach_router(self, regate_config: ReGateConfig) -> None:
         config = self.config
-        if config.recompute_granularity == "full":
-            raise ValueError(
-                "ReGATE routing does not support --recompute-granularity full yet; "
-                "use 'selective' or no recomputation"
-            )
         if config.mtp_num_layers:
             raise ValueError(
                 "ReGATE routing does not support multi-token prediction (--mtp-num-layers)")
@@ -66,6 +62,8 @@ class ReGateGPTModel(GPTModel):
             pad_multiple=regate_config.pad_multiple,
         )
         self.token_router.bind(self.decoder.layers)
+        if config.recompute_granularity == "full":
+            route_full_recompute(self.decoder, self.token_router)
         self._pending_selection: Optional[TokenSelection] = None
 
     @contextlib.contextmanager

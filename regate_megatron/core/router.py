@@ -10,6 +10,11 @@ Attention inside the span is causal in gathered order, which is the original
 order because kept indices are ascending; pad slots sit after each sample's
 kept slots, so causality already hides them from every real token. Rotary
 embeddings are gathered from the original positions.
+
+Under full activation recomputation the span's layers are re-run in the backward pass,
+after `route()` has ended: `regate_megatron.core.recompute` runs the checkpointed chunks
+with the route resumed (`TokenRouter.resumed`) and hands the span's pass-through rows
+from chunk to chunk as a checkpoint input and output.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ __all__ = ["TokenRouter", "ActiveRoute"]
 
 class ActiveRoute:
     """State of one routed forward on one stage: the selection's flat indices, the
-    pre-span hidden states (for pass-through) and the gathered rotary table."""
+    pre-span hidden states (`pass_through`: `[s, b, h]` from `enter` to `exit`, where the
+    elided rows come from) and the gathered rotary table."""
 
     def __init__(self, router: "TokenRouter", selection: TokenSelection):
         self.router = router
@@ -40,7 +46,7 @@ class ActiveRoute:
         self.gather_rows, self.valid_slots, self.scatter_rows, self.positions = (
             selection.gather_layout(self.multiple)
         )
-        self._full_input: Optional[torch.Tensor] = None
+        self.pass_through: Optional[torch.Tensor] = None
         self._rotary: Optional[torch.Tensor] = None
         self._rotary_source = None
 
@@ -76,7 +82,7 @@ class ActiveRoute:
                 f"token selection is for [seq {self.selection.seq_length}, batch "
                 f"{self.selection.batch_size}] but the hidden states are [seq {s}, batch {b}]"
             )
-        self._full_input = full
+        self.pass_through = full
         self.router.record(self.selection)
         gathered = full.reshape(s * b, h).index_select(0, self.gather_rows)
         return self._local(gathered.view(-1, b, h))  # [L_pad*b, h] -> [L_pad(/tp), b, h]
@@ -85,10 +91,13 @@ class ActiveRoute:
         """[L_pad(/tp), b, h] -> [s(/tp), b, h]: kept rows replaced, elided rows unchanged."""
         span_out = self._full(hidden)
         width, b, h = span_out.shape
-        full = self._full_input
+        full = self.pass_through
+        if full is None:
+            raise RuntimeError("the routed span closes on a layer it never opened on (no "
+                               "pass-through rows): the stage's layers ran out of order")
         kept = span_out.reshape(width * b, h).index_select(0, self.valid_slots)  # drop pad slots
         out = full.reshape(-1, h).index_copy(0, self.scatter_rows, kept)
-        self._full_input = None
+        self.pass_through = None
         return self._local(out.view(full.shape))
 
     def rotary(self, rotary_pos_emb):
@@ -177,6 +186,16 @@ class TokenRouter:
             yield self.active
         finally:
             self.active = None
+
+    @contextlib.contextmanager
+    def resumed(self, route: ActiveRoute):
+        """Make `route` active again (the recomputation of a checkpointed chunk of a routed
+        forward, run in the backward pass), then restore what was active before."""
+        previous, self.active = self.active, route
+        try:
+            yield route
+        finally:
+            self.active = previous
 
     def record(self, selection: TokenSelection) -> None:
         """Remember the indices a stage actually routed (for cross-rank agreement checks)."""
