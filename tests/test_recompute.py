@@ -2,18 +2,15 @@
 / `--recompute-method` / `--recompute-num-layers` layout gives exactly the loss and the
 gradients of the same routed model without recomputation (fp32), also with several
 micro-batches whose backward passes run after later forwards (the 1F1B order); ρ=1 with
-recomputation is stock Megatron-Core with recomputation.
-
-Without dropout: on CPU the CUDA RNG is the CPU generator (`cpu_compat`), and there stock
-Megatron-Core's own recomputed step already differs from its step without recomputation
-once dropout is on (measured: loss 2.0752 vs 2.0750, 4 layers, dropout 0.1), so dropout
-would test the bridge, not the routing. Selective recomputation is tested on ``core_attn``:
+recomputation is stock Megatron-Core with recomputation. Dropout is on: both runs of a
+comparison start from the same CPU and RNG-tracker seeds. Selective recomputation is tested on ``core_attn``:
 stock 0.16.1 on CPU recurses without end recomputing ``mlp`` and needs TE for ``layernorm``."""
 
 import dataclasses
 
 import pytest
 import torch
+from megatron.core import tensor_parallel
 from models import build_gpt, make_batch, run_schedule, tiny_config
 
 from regate_megatron.config import ReGateConfig
@@ -33,7 +30,7 @@ def _name(layout):
 
 
 def _models(layout, span, **overrides):
-    base = tiny_config(num_layers=4, hidden_dropout=0.0, attention_dropout=0.0, **overrides)
+    base = tiny_config(num_layers=4, hidden_dropout=0.2, attention_dropout=0.2, **overrides)
     regate = ReGateConfig(enabled=True, **({} if span is None else {"layers": span}))
     plain = build_gpt(base, routed=True, regate=regate)
     recomputed = build_gpt(dataclasses.replace(base, **layout), routed=True, regate=regate)
@@ -41,10 +38,16 @@ def _models(layout, span, **overrides):
     return plain, recomputed
 
 
+def _seed(seed):
+    """The same dropout masks in both models: the CPU generator and the RNG tracker's."""
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def _step(model, batches, selections, seed=7):
     """Loss and grads of one forward/backward of every micro-batch (Megatron's schedule)."""
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same dropout masks in both models
+    _seed(seed)
     losses = run_schedule(model, batches, selections)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return torch.stack([d["lm loss"] for d in losses]), grads
@@ -69,6 +72,7 @@ def test_recomputed_routed_step_equals_the_step_without_recomputation(megatron_w
     loss_ref, grads_ref = _step(plain, batches, selections)
     loss, grads = _step(recomputed, batches, selections)
     assert torch.equal(loss, loss_ref)
+    assert not torch.equal(_step(plain, batches, selections, seed=8)[0], loss_ref)  # dropout on
     assert grads.keys() == grads_ref.keys() and len(grads) == len(list(plain.parameters()))
     for name, g in grads.items():
         assert torch.equal(g, grads_ref[name]), name
@@ -84,7 +88,7 @@ def test_backward_after_later_forwards_recomputes_each_micro_batch_with_its_own_
     results = []
     for model in (plain, recomputed):
         model.zero_grad(set_to_none=True)
-        torch.manual_seed(3)
+        _seed(3)
         losses = [model(tokens, pos, None, labels=labels, token_selection=selection)
                   for (tokens, labels, pos, _), selection in zip(batches, selections)]
         assert model.token_router.active is None
@@ -100,7 +104,8 @@ def test_backward_after_later_forwards_recomputes_each_micro_batch_with_its_own_
 
 def test_keep_ratio_one_with_recomputation_is_stock_megatron(megatron_world):
     layout = LAYOUTS[1]
-    config = dataclasses.replace(tiny_config(num_layers=4), **layout)
+    config = dataclasses.replace(
+        tiny_config(num_layers=4, hidden_dropout=0.2, attention_dropout=0.2), **layout)
     stock = build_gpt(config, routed=False)
     routed = build_gpt(config, routed=True)
     routed.load_state_dict(stock.state_dict())
