@@ -1,4 +1,5 @@
-"""Router across real gloo ranks: TP2 + sequence parallel, PP2 (1F1B), and a
+"""Router across real gloo ranks: TP2 + sequence parallel, PP2 (1F1B), both also with full
+activation recomputation, and a
 TP2 x PP2 x DP2 training step where every model-parallel rank must route with
 the indices computed once on its group's first rank."""
 
@@ -42,8 +43,12 @@ def _shared_selections(batches, keep_ratio):
     return broadcast_selections(mine, group=group)
 
 
+RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
 def _parallel_checks(rank, full_state, sequence_parallel):
-    """Stock vs routed at ρ=1 (must be identical) and routed at ρ<1 (returned)."""
+    """Stock vs routed at ρ=1 (must be identical), routed at ρ<1 (returned) and routed at
+    ρ<1 with full recomputation (one checkpoint per layer)."""
     config = tiny_config(num_layers=NUM_LAYERS, sequence_parallel=sequence_parallel)
     batches = _batches()
     plain = [b for b, _ in batches]
@@ -53,6 +58,11 @@ def _parallel_checks(rank, full_state, sequence_parallel):
         load_full_weights(routed, full_state)
         losses = run_schedule(routed, plain, _shared_selections(batches, keep_ratio))
         results[keep_ratio] = ([loss["lm loss"] for loss in losses], full_grads(routed))
+    recomputed = build_gpt(tiny_config(num_layers=NUM_LAYERS, sequence_parallel=sequence_parallel,
+                                       **RECOMPUTE), routed=True)
+    load_full_weights(recomputed, full_state)
+    losses = run_schedule(recomputed, plain, _shared_selections(batches, KEEP))
+    results["recompute"] = ([loss["lm loss"] for loss in losses], full_grads(recomputed))
     stock = build_gpt(config, routed=False)
     load_full_weights(stock, full_state)
     losses = run_schedule(stock, plain)
@@ -92,6 +102,8 @@ def test_parallel_router_matches_stock_and_single_rank(megatron_world, tp, pp, s
         _assert_same(rank_result[1.0], rank_result["stock"], exact=True)
         # ρ < 1: the same as the routed single-rank model, stage by stage.
         _assert_same(([], rank_result[KEEP][1]), ([], ref_grads), exact=False)
+        # ρ < 1 with full recomputation: the same step as without, bit for bit.
+        _assert_same(rank_result["recompute"], rank_result[KEEP], exact=True)
     _assert_same((last[KEEP][0], {}), (ref_losses, {}), exact=False)
     assert len(last[KEEP][0]) == MICRO_BATCHES
 
