@@ -18,7 +18,9 @@ FROZEN_TRAIN_FLAGS = [
     "--make-vocab-size-divisible-by", "--max-position-embeddings", "--metrics-jsonl",
     "--micro-batch-size", "--min-lr", "--no-progress", "--norm-epsilon", "--normalization",
     "--num-attention-heads", "--num-layers", "--num-query-groups", "--patch-dim",
-    "--pipeline-model-parallel-size", "--position-embedding-type", "--regate",
+    "--pipeline-model-parallel-size", "--position-embedding-type", "--recompute-activations",
+    "--recompute-granularity", "--recompute-method", "--recompute-modules",
+    "--recompute-num-layers", "--recompute-vision", "--regate",
     "--regate-cycle-steps", "--regate-dense-steps", "--regate-ema-decay", "--regate-keep-ratio",
     "--regate-lambda", "--regate-layers", "--regate-pad-multiple", "--regate-ref-store",
     "--regate-schedule", "--regate-score-norm", "--regate-select-scope", "--regate-selector",
@@ -86,6 +88,14 @@ def test_valid_flags_derive_megatron_defaults(base, monkeypatch):
      "--sequence-parallel"),
     (["--valid-data-path", "/nonexistent.json"], {}, "--valid-data-path"),
     (["--load", "/nonexistent"], {}, "--load"),
+    (["--recompute-granularity", "full"], {}, "--recompute-method uniform|block"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "3"], {}, "(3) layers, which must divide the 4 layers"),
+    (["--recompute-granularity", "full", "--recompute-method", "block",
+      "--recompute-num-layers", "5"], {}, "--recompute-num-layers 5 is more than the 4"),
+    (["--recompute-method", "block"], {}, "--recompute-method needs --recompute-granularity"),
+    (["--recompute-activations", "--recompute-num-layers", "1"], {}, "selective takes no"),
+    (["--recompute-vision"], {}, "--recompute-vision needs"),
 ], ids=lambda x: str(x)[:30])
 def test_bad_flags_are_named(base, monkeypatch, capsys, extra, env, needle):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -95,6 +105,36 @@ def test_bad_flags_are_named(base, monkeypatch, capsys, extra, env, needle):
         parse_args(base + extra)
     message = str(info.value) + capsys.readouterr().err
     assert (needle or extra[0]) in message
+
+
+def test_recompute_flags_reach_the_configs_as_megatron_lm_sets_them(base, monkeypatch):
+    from regate_megatron.training.model_config import (
+        language_config,
+        projection_config,
+        vision_config,
+    )
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    full = ["--recompute-granularity", "full", "--recompute-method", "uniform",
+            "--recompute-num-layers", "1", "--pipeline-model-parallel-size", "2",
+            "--vision-num-layers", "3"]
+    fields = ("recompute_granularity", "recompute_method", "recompute_num_layers")
+
+    def of(config):
+        return tuple(getattr(config, f) for f in fields)
+
+    args = parse_args(base + full)
+    assert of(language_config(args)) == ("full", "uniform", 1)
+    assert of(vision_config(args)) == of(projection_config(args)) == (None, None, None)
+    args = parse_args(base + full + ["--recompute-vision"])
+    assert of(vision_config(args)) == ("full", "uniform", 3)  # all the encoder's layers
+    assert of(projection_config(args)) == (None, None, None)
+    args = parse_args(base + ["--recompute-activations"])
+    config = language_config(args)
+    assert of(config) == ("selective", None, None) and config.recompute_modules == ["core_attn"]
+    assert vision_config(args).recompute_granularity is None
+    args = parse_args(base)
+    assert of(language_config(args)) == (None, None, None)
 
 
 def test_missing_required_flags_are_listed(capsys):

@@ -126,6 +126,19 @@ def test_resume_equals_uninterrupted(ws):
     assert not [p for p in os.listdir(ws / "resumed") if p.endswith(".tmp")]
 
 
+def test_recomputed_run_trains_like_the_stored_one(ws):
+    """Full recomputation of the routed language model and of the vision encoder: steps 3-4
+    resumed from the step-2 checkpoint are the uninterrupted run's, bit for bit."""
+    train(ws, *REGATE, "--regate-ref-store", "store", "--train-iters", "4", "--load", "ckpt2",
+          "--metrics-jsonl", "recomputed.jsonl", "--recompute-granularity", "full",
+          "--recompute-method", "uniform", "--recompute-num-layers", "1", "--recompute-vision")
+    full, got = metrics(ws / "full.jsonl")[2:], metrics(ws / "recomputed.jsonl")
+    assert [m["step"] for m in got] == [3, 4] and got[0]["keep_ratio"] < 1.0
+    for a, b in zip(full, got):
+        for key in ("lm_loss", "grad_norm", "kept_target_tokens", "layer_tokens"):
+            assert a[key] == b[key], (key, a, b)
+
+
 @pytest.mark.parametrize("layout", [
     ["--tensor-model-parallel-size", "2"],
     ["--pipeline-model-parallel-size", "2"],

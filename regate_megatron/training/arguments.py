@@ -127,6 +127,21 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
                    help="on --load, take the LR schedule from the checkpoint, ignoring the "
                         "command line's LR schedule flags")
+    r = parser.add_argument_group("activation recomputation (Megatron-LM's flags)")
+    r.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: re-run whole layers in the backward pass (routed spans too); "
+                   "selective: parts of each layer (--recompute-modules)")
+    r.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: uniform checkpoints every --recompute-num-layers layers; "
+                   "block checkpoints the first --recompute-num-layers of each stage")
+    r.add_argument("--recompute-num-layers", type=int, default=None)
+    r.add_argument("--recompute-modules", nargs="*", default=None,
+                   help="with selective: the submodules to re-run (default: core_attn)")
+    r.add_argument("--recompute-activations", action="store_true",
+                   help="the same as --recompute-granularity selective")
+    r.add_argument("--recompute-vision", action="store_true",
+                   help="the vision encoder recomputes as the language model does (all its "
+                   "layers); without it the encoder and the projector do not recompute")
     c = parser.add_argument_group("checkpointing, evaluation and logging")
     c.add_argument("--save", default=None)
     c.add_argument("--load", default=None)
@@ -242,6 +257,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.num_layers % pp:
         raise SystemExit(
             "regate-train: --num-layers must be divisible by --pipeline-model-parallel-size")
+    _check_recompute(args)
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: SP is meaningless without TP
     if args.sequence_parallel and not args.text_only:
@@ -273,6 +289,43 @@ def validate_args(args: argparse.Namespace) -> None:
     # --load = --save (Megatron-LM's resume-in-place): the first run finds nothing to load.
     if args.load is not None and args.load != args.save and not os.path.isdir(args.load):
         raise SystemExit(f"regate-train: --load {args.load} is not a directory")
+
+
+def _check_recompute(args: argparse.Namespace) -> None:
+    """The recomputation flags, as Megatron-LM and Megatron-Core check them, by flag name."""
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"  # Megatron-LM's alias
+    granularity, method, k = (args.recompute_granularity, args.recompute_method,
+                              args.recompute_num_layers)
+    if granularity is None:
+        for flag in ("recompute_method", "recompute_num_layers", "recompute_modules"):
+            if getattr(args, flag) is not None:
+                raise SystemExit(f"regate-train: --{flag.replace('_', '-')} needs "
+                                 f"--recompute-granularity")
+        if args.recompute_vision:
+            raise SystemExit("regate-train: --recompute-vision needs --recompute-granularity")
+        return
+    if granularity == "selective":
+        if method is not None or k is not None:
+            raise SystemExit("regate-train: --recompute-granularity selective takes no "
+                             "--recompute-method / --recompute-num-layers (it re-runs "
+                             "--recompute-modules inside every layer)")
+        return
+    if args.recompute_modules is not None:
+        raise SystemExit("regate-train: --recompute-modules is for --recompute-granularity "
+                         "selective")
+    per_stage = args.num_layers // args.pipeline_model_parallel_size
+    if method is None or k is None or k < 1:
+        raise SystemExit("regate-train: --recompute-granularity full needs --recompute-method "
+                         "uniform|block and --recompute-num-layers >= 1")
+    if method == "uniform" and per_stage % k:
+        raise SystemExit(f"regate-train: --recompute-method uniform checkpoints every "
+                         f"--recompute-num-layers ({k}) layers, which must divide the "
+                         f"{per_stage} layers of each pipeline stage; choose a divisor or "
+                         f"--recompute-method block")
+    if k > per_stage:
+        raise SystemExit(f"regate-train: --recompute-num-layers {k} is more than the {per_stage} "
+                         f"layers of a pipeline stage")
 
 
 def _check_training_numbers(args: argparse.Namespace) -> None:

@@ -121,13 +121,12 @@ FLAGS: Dict[str, Flag] = {
     "--use-distributed-optimizer": Flag(HONOURED, "distributed optimizer (reshardable "
                                         "checkpoints)"),
     "--distributed-timeout-minutes": Flag(HONOURED, "collective timeout of the process group", _V),
-    "--recompute-granularity": Flag(REFUSED, "activation recomputation is not implemented with "
-                                    "token routing", _V),
-    "--recompute-method": Flag(REFUSED, "activation recomputation is not implemented with token "
-                               "routing", _V),
-    "--recompute-num-layers": Flag(REFUSED, "activation recomputation is not implemented with "
-                                   "token routing", _V),
-    "--recompute-vision": Flag(REFUSED, "activation recomputation is not implemented", _S),
+    "--recompute-granularity": Flag(HONOURED, "activation recomputation, full (routed spans "
+                                    "re-run with their selection) or selective"),
+    "--recompute-method": Flag(HONOURED, "uniform or block chunks of full recomputation"),
+    "--recompute-num-layers": Flag(HONOURED, "layers per chunk (uniform) or recomputed layers "
+                                   "per stage (block)"),
+    "--recompute-vision": Flag(HONOURED, "the vision encoder recomputes too (all its layers)"),
     # ---- training
     "--micro-batch-size": Flag(HONOURED, "micro-batch size"),
     "--global-batch-size": Flag(HONOURED, "global batch size"),

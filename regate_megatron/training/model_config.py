@@ -81,7 +81,28 @@ def language_config(args: argparse.Namespace):
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         variable_seq_lengths=False,
+        **_recompute(args),
     )
+
+
+_NO_RECOMPUTE = dict(recompute_granularity=None, recompute_method=None,
+                     recompute_num_layers=None)
+
+
+def _recompute(args, vision: bool = False) -> dict:
+    """The recomputation fields of a TransformerConfig from --recompute-* (none where the
+    namespace has no such flags, as a teacher's saved architecture). The vision encoder
+    recomputes only with --recompute-vision, then all of its layers, as Megatron-LM's
+    multimodal model does; the projector never."""
+    granularity = getattr(args, "recompute_granularity", None)
+    if granularity is None or (vision and not getattr(args, "recompute_vision", False)):
+        return dict(_NO_RECOMPUTE)
+    if granularity == "selective":
+        return dict(_NO_RECOMPUTE, recompute_granularity=granularity,
+                    recompute_modules=args.recompute_modules)
+    return dict(recompute_granularity=granularity, recompute_method=args.recompute_method,
+                recompute_num_layers=args.vision_num_layers if vision
+                else args.recompute_num_layers)
 
 
 def vision_config(args: argparse.Namespace):
@@ -100,6 +121,7 @@ def vision_config(args: argparse.Namespace):
         add_bias_linear=True,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
+        **_recompute(args, vision=True),
     )
     config.vision_model_type = "clip"  # read by LLaVAModel; not a TransformerConfig field
     return config
@@ -117,6 +139,7 @@ def projection_config(args: argparse.Namespace):
         add_bias_linear=True,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
+        **_NO_RECOMPUTE,
     )
 
 
