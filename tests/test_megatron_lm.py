@@ -101,6 +101,10 @@ def test_flags_and_spec_and_sample_ids():
                                          "--packing-buffer-size: examples/multimodal packs"):
         check_args(packed)
     assert check_args(argparse.Namespace(**dict(vars(packed), packing_buffer_size=0))).enabled
+    full = dict(vars(args), regate_selector="random", recompute_granularity="full")
+    assert check_args(argparse.Namespace(**full)).enabled  # routed spans recompute
+    with pytest.raises(ValueError, match="--distribute-saved-activations"):
+        check_args(argparse.Namespace(**full, distribute_saved_activations=True))
     data = SampleIdDataset([_item(i) for i in range(4)])
     assert data[3]["sample_ids"] == 3
     counts = target_counts(data, pretrain_vlm_view, 1, SEQ)

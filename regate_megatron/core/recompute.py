@@ -33,13 +33,14 @@ __all__ = ["check_recompute", "route_full_recompute"]
 
 
 def check_recompute(config) -> None:
-    """Refuse recomputation settings a routed forward does not support, naming the flag."""
-    if config.recompute_granularity != "full":
+    """Refuse recomputation settings a routed forward does not support, naming the flag
+    (`config`: a TransformerConfig, or Megatron-LM's args, which name the fields alike)."""
+    if getattr(config, "recompute_granularity", None) != "full":
         return
-    if config.distribute_saved_activations:
+    if getattr(config, "distribute_saved_activations", False):
         raise ValueError("ReGATE routing does not support --distribute-saved-activations with "
                          "--recompute-granularity full; drop --distribute-saved-activations")
-    if config.fp8 or config.fp4:
+    if getattr(config, "fp8", None) or getattr(config, "fp4", None):
         raise ValueError("ReGATE routing with --recompute-granularity full runs in bf16, fp16 "
                          "or fp32; drop --fp8-format/--fp4-format or the recomputation")
 

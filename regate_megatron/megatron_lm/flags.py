@@ -11,6 +11,7 @@ import argparse
 from typing import Callable, Optional
 
 from regate_megatron.config import ReGateConfig, add_regate_args
+from regate_megatron.core.recompute import check_recompute
 
 __all__ = ["extra_args_provider", "add_script_args", "check_args", "regate_config_of"]
 
@@ -70,8 +71,6 @@ def check_args(args: argparse.Namespace) -> ReGateConfig:
          "--no-rope-fusion)", "routed layers need per-token rotary tables"),
         (getattr(args, "virtual_pipeline_model_parallel_size", None) not in (None, 1),
          "--num-layers-per-virtual-pipeline-stage", "the interleaved schedule is not wrapped"),
-        (getattr(args, "recompute_granularity", None) == "full", "--recompute-granularity full",
-         "full recomputation re-runs layers outside the routed forward"),
         (getattr(args, "mtp_num_layers", None), "--mtp-num-layers", "multi-token prediction"),
         (getattr(args, "teacher_ranks", 0) or config.teacher_ranks, "--regate-teacher-ranks",
          "the online teacher runs with regate-train only; use --regate-ref-store"),
@@ -79,6 +78,7 @@ def check_args(args: argparse.Namespace) -> ReGateConfig:
     for bad, flag, why in refused:
         if bad:
             raise ValueError(f"--regate cannot be combined with {flag}: {why}")
+    check_recompute(args)  # the fields Megatron-LM's args share with TransformerConfig
     build = getattr(args, "regate_build_ref_store", False)
     if getattr(args, "regate_build_ref_store_exit", False) and not build:
         raise ValueError("--regate-build-ref-store-exit needs --regate-build-ref-store")
