@@ -220,7 +220,8 @@ def test_patched_pretrain_vlm_with_full_recomputation_trains_like_without(tmp_pa
         out = _finished(subprocess.run([*command, "--save", name, *more], cwd=tmp_path,
                                        env=env, capture_output=True, text=True, timeout=900))
     assert re.search(r"recompute_granularity \.+ full", out)  # Megatron-LM's args print
-    stored, recomputed = _saved_model(tmp_path / "stored", 3), _saved_model(tmp_path / "recomputed", 3)
+    stored = _saved_model(tmp_path / "stored", 3)
+    recomputed = _saved_model(tmp_path / "recomputed", 3)
     tensors = [n for n in stored if isinstance(stored[n], torch.Tensor)]
     assert "regate.ema_table" in tensors and len(tensors) > 10
     for name in tensors:

@@ -3,8 +3,9 @@
 gradients of the same routed model without recomputation (fp32), also with several
 micro-batches whose backward passes run after later forwards (the 1F1B order); ρ=1 with
 recomputation is stock Megatron-Core with recomputation. Dropout is on: both runs of a
-comparison start from the same CPU and RNG-tracker seeds. Selective recomputation is tested on ``core_attn``:
-stock 0.16.1 on CPU recurses without end recomputing ``mlp`` and needs TE for ``layernorm``."""
+comparison start from the same CPU and RNG-tracker seeds. Selective recomputation is tested
+on ``core_attn``: stock 0.16.1 on CPU recurses without end recomputing ``mlp`` and needs TE
+for ``layernorm``."""
 
 import dataclasses
 
