@@ -7,7 +7,8 @@
 Measures forward+backward+SGD-free step time (median over rounds; variants interleaved
 within each round so drift hits all alike) for: stock GPTModel, ReGateGPTModel at
 rho = 1 (overhead), and at rho in {0.25, 0.5, 0.75} (speedup vs stock) next to the
-FLOP-ideal speedup of the same selection, and each variant's peak GPU memory. The last
+FLOP-ideal speedup of the same selection, and each variant's peak GPU memory; with
+`--recompute`, every variant under full activation recomputation. The last
 line is machine-readable:
 overhead_ratio=<routed rho=1 / stock> speedup_0.5=<dense / routed rho=0.5> ideal_0.5=<FLOP-ideal>
 (`--json PATH` writes every number). Everything runs on this rank's device
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--recompute", action="store_true",
+                   help="full activation recomputation (uniform, one layer a chunk) in every "
+                        "variant: routed spans re-run with their selection in the backward")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     p.add_argument("--profile", default=None,
                    help="profile one step per variant; top kernels per variant to this file")
@@ -73,6 +77,8 @@ def build(args, device, routed: bool, state=None):
         ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
         num_attention_heads=args.num_attention_heads, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=device.type == "cpu", params_dtype=dtype, bf16=args.bf16,
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+           if args.recompute else {}),
     )
     spec = get_regate_decoder_block_spec(
         config, **({} if routed else {"layer_module": TransformerLayer})
@@ -88,14 +94,14 @@ def build(args, device, routed: bool, state=None):
 
 
 def flops(args, keep_per_sample, out_rows) -> float:
-    """Forward+backward FLOPs (3x forward) of the decoder layers and output layer."""
+    """Forward+backward FLOPs (3x forward; the decoder layers 4x under --recompute) of the
+    decoder layers and output layer."""
     h, f = args.hidden_size, args.ffn_hidden_size or 4 * args.hidden_size
     total = 0.0
     for t in keep_per_sample:
         per_layer = 2 * t * (4 * h * h + 2 * h * f) + 4 * t * t * h  # linears + QK^T, AV
-        total += args.num_layers * per_layer
-    total += 2 * out_rows * h * args.vocab_size
-    return 3 * total
+        total += args.num_layers * per_layer * (4 if args.recompute else 3)
+    return total + 3 * 2 * out_rows * h * args.vocab_size
 
 
 def profile_variants(variants, step, device, path, top, show=("stock", "routed_0.5")):
@@ -172,7 +178,8 @@ def main(argv=None):
     print(f"device={device} dtype={'bf16' if args.bf16 else 'fp32'} mcore={version} "
           f"layers={args.num_layers} hidden={args.hidden_size} seq={s} batch={b} "
           f"targets/seq={args.target_fraction:.2f} span={routed.token_router.span} "
-          f"pad={routed.token_router.pad_multiple_for()} rounds={args.rounds}")
+          f"pad={routed.token_router.pad_multiple_for()} rounds={args.rounds}"
+          f"{' recompute=full' if args.recompute else ''}")
     print(f"{'variant':<14}{'step ms':>10}{'kept tok':>10}{'speedup':>10}{'ideal':>10}"
           f"{'of ideal':>10}{'peak GiB':>10}")
     ideal, rows = {}, {}
@@ -191,7 +198,8 @@ def main(argv=None):
                           ideal=ideal[name], of_ideal=speed / ideal[name],
                           peak_gib=peak[name] / 2**30 if cuda else None)
     overhead = med["routed_1.0"] / med["stock"]
-    result = dict(device=str(device), mcore=version, bf16=args.bf16, seq=s, batch=b,
+    result = dict(device=str(device), mcore=version, bf16=args.bf16, recompute=args.recompute,
+                  seq=s, batch=b,
                   layers=args.num_layers, hidden=args.hidden_size, overhead_ratio=overhead,
                   variants=rows)
     if args.json:

@@ -6,6 +6,9 @@ run by `benchmarks/gpu_check.sh`); every test skips cleanly without CUDA.
 - kept tokens' logits equal a dense run on the compacted sequence with the original
   positions (stock mrope honours per-sample position ids), with the GPU's padding of the
   kept length to a multiple of 16;
+- full activation recomputation of a routed span gives the step without it (the same
+  kernels re-run; within fp32 / bf16 tolerance, since attention backward kernels may
+  accumulate in another order);
 - selections come back from a broadcast on the GPU on the source rank too;
 - a `regate-train` LLaVA student step with ReGATE (routed, bf16), its evaluation and greedy
   decoding receive every tensor on the rank's device;
@@ -104,6 +107,32 @@ def test_routed_logits_equal_compacted_dense_run(megatron_world, dtype):
             else:  # other sequence lengths pick other bf16 kernels: bf16 rounding, not more
                 err = (logits[i, keep] - ref).abs().max().item()
                 assert err <= 0.05 * ref.abs().max().item() + 0.05, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_full_recomputation_of_a_routed_span_equals_the_stored_step(megatron_world, dtype):
+    from regate_megatron.core.selection import select_top_targets
+
+    _, routed, _ = _models(dtype)
+    _, recomputed, _ = _models(dtype, recompute_granularity="full", recompute_method="uniform",
+                               recompute_num_layers=1)
+    recomputed.load_state_dict(routed.state_dict())
+    tokens, labels, pos, targets, scores = _batch(2)
+    selection = select_top_targets(scores, targets, 0.4).to(_device())
+    assert not selection.is_dense
+    out = []
+    for model in (routed, recomputed):
+        loss = model(tokens, pos, None, labels=labels, token_selection=selection)
+        (loss.float() * selection.computed_loss_mask()).sum().backward()
+        out.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_ref, grads_ref), (loss, grads) = out
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=rtol)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        ref = grads_ref[name]
+        atol = rtol * ref.abs().max().item() + 1e-6
+        torch.testing.assert_close(g, ref, rtol=rtol, atol=atol, msg=name)
 
 
 def test_broadcast_selections_on_the_gpu_on_the_source_rank(megatron_world):
